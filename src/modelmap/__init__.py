@@ -1,0 +1,44 @@
+"""modelmap: differentiable cryo-EM model maps from atomic models, on JAX.
+
+Data flow: `read_model` (gemmi) gives an `AtomicModel` whose `atoms` is an `Atoms` pytree;
+a volume (`GaussianMixtureVolume.from_atoms`) is rendered onto a `Grid` by a render function
+(`GaussianMixtureRenderFn`); `read_map`/`write_map` (mrcfile) handle maps.
+
+Conventions: Å, Å², positions `(n, 3)` x/y/z, maps `(nz, ny, nx)`, `Grid.origin` = position of grid
+point (0, 0, 0). See DESIGN.md.
+"""
+
+from ._atoms import Atoms as Atoms, AtomLabels as AtomLabels, validate_atoms as validate_atoms
+from ._errors import (
+    ModelmapError as ModelmapError,
+    ModelFileError as ModelFileError,
+    UnknownElementError as UnknownElementError,
+    InvalidAtomsError as InvalidAtomsError,
+    MapFileError as MapFileError,
+    MapAxisOrderError as MapAxisOrderError,
+    GridTooLargeError as GridTooLargeError,
+)
+from ._grid import Grid as Grid
+from .io import (
+    AtomicModel as AtomicModel,
+    DensityMap as DensityMap,
+    read_map as read_map,
+    read_model as read_model,
+    write_map as write_map,
+    write_model as write_model,
+    write_chimerax_script as write_chimerax_script,
+)
+from .render import (
+    AbstractRenderFn as AbstractRenderFn,
+    GaussianMixtureRenderFn as GaussianMixtureRenderFn,
+    WindowPlan as WindowPlan,
+    render_model as render_model,
+)
+from .scattering import ScatteringTable as ScatteringTable, get_table as get_table
+from .volumes import (
+    AbstractVolume as AbstractVolume,
+    GaussianMixtureVolume as GaussianMixtureVolume,
+    resolution_to_blur as resolution_to_blur,
+)
+
+__version__ = "0.1.0"

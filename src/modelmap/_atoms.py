@@ -1,0 +1,123 @@
+"""Atoms as a JAX pytree, and their labels as numpy arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from ._errors import InvalidAtomsError
+
+__all__ = ["Atoms", "AtomLabels", "validate_atoms"]
+
+
+class Atoms(eqx.Module):
+    """Atoms of a model: the part of a structure that maps depend on.
+
+    A pytree: refine any subset of leaves by filtering (`eqx.partition`); `atomic_numbers` is an
+    integer leaf and so is never selected by `eqx.is_inexact_array`.
+
+    An ensemble (a multi-model file, or a batch) stacks the leaves with a leading model axis:
+    positions `(m, n, 3)`, the others `(m, n)`.
+
+    **Arguments:**
+
+    - `positions`: `(n, 3)` x, y, z in Å, in the model file's frame.
+    - `atomic_numbers`: `(n,)` integers Z (1 for H ... 98 for Cf).
+    - `b_factors`: `(n,)` isotropic B in Å² (Debye-Waller factor exp(-B s²/4)).
+    - `occupancies`: `(n,)` occupancy in [0, 1].
+    """
+
+    positions: Float[Array, "*m n 3"]
+    atomic_numbers: Int[Array, "*m n"]
+    b_factors: Float[Array, "*m n"]
+    occupancies: Float[Array, "*m n"]
+
+    def __init__(self, positions, atomic_numbers, b_factors=None, occupancies=None):
+        positions = jnp.asarray(positions)
+        if not jnp.issubdtype(positions.dtype, jnp.floating):
+            positions = positions.astype(jnp.float32)
+        dtype = positions.dtype
+        shape = positions.shape[:-1]
+        self.positions = positions
+        self.atomic_numbers = jnp.broadcast_to(jnp.asarray(atomic_numbers, jnp.int32), shape)
+        self.b_factors = (
+            jnp.zeros(shape, dtype) if b_factors is None else jnp.asarray(b_factors, dtype)
+        )
+        self.occupancies = (
+            jnp.ones(shape, dtype) if occupancies is None else jnp.asarray(occupancies, dtype)
+        )
+
+    @property
+    def n_atoms(self) -> int:
+        return self.positions.shape[-2]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.positions.ndim == 3
+
+
+def validate_atoms(atoms: Atoms, what: str = "atoms") -> Atoms:
+    """Check concrete atom values and raise `InvalidAtomsError` naming the first problem.
+
+    Checks: positions finite, B finite, occupancy finite and >= 0, atomic numbers in 1..98.
+    """
+    pos = np.asarray(atoms.positions)
+    if pos.shape[-2] == 0:
+        raise InvalidAtomsError(f"{what}: there are no atoms")
+    bad = ~np.all(np.isfinite(pos), axis=-1)
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(-1))[0]) % pos.shape[-2]
+        raise InvalidAtomsError(
+            f"{what}: {int(bad.sum())} atom(s) have NaN or infinite coordinates (first: atom {i})"
+        )
+    for name, values in (("B-factor", atoms.b_factors), ("occupancy", atoms.occupancies)):
+        v = np.asarray(values)
+        if not np.all(np.isfinite(v)):
+            i = int(np.flatnonzero(~np.isfinite(v.reshape(-1)))[0]) % pos.shape[-2]
+            raise InvalidAtomsError(f"{what}: atom {i} has a NaN or infinite {name}")
+    occ = np.asarray(atoms.occupancies)
+    if (occ < 0).any():
+        i = int(np.flatnonzero(occ.reshape(-1) < 0)[0]) % pos.shape[-2]
+        raise InvalidAtomsError(f"{what}: atom {i} has a negative occupancy ({occ.reshape(-1)[i]})")
+    z = np.asarray(atoms.atomic_numbers)
+    if ((z < 1) | (z > 98)).any():
+        i = int(np.flatnonzero(((z < 1) | (z > 98)).reshape(-1))[0]) % pos.shape[-2]
+        raise InvalidAtomsError(f"{what}: atom {i} has atomic number {z.reshape(-1)[i]}, not 1..98")
+    return atoms
+
+
+@dataclasses.dataclass(frozen=True)
+class AtomLabels:
+    """Per-atom labels as numpy arrays (one entry per atom of the first model).
+
+    `source_index` is `(n, 3)`: chain, residue and atom index of each atom inside the source
+    structure's model, so that `write_model` can put changed values back in place.
+    """
+
+    chain: np.ndarray
+    residue_name: np.ndarray
+    residue_number: np.ndarray
+    insertion_code: np.ndarray
+    atom_name: np.ndarray
+    altloc: np.ndarray
+    element: np.ndarray
+    is_hetero: np.ndarray
+    source_index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.atom_name)
+
+    def __getitem__(self, index) -> "AtomLabels":
+        return AtomLabels(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+    def atom_id(self, i: int) -> str:
+        """A readable label such as `A/GLU 12A/CA.B`."""
+        alt = f".{self.altloc[i]}" if self.altloc[i] else ""
+        return (
+            f"{self.chain[i]}/{self.residue_name[i]} {self.residue_number[i]}"
+            f"{self.insertion_code[i]}/{self.atom_name[i]}{alt}"
+        )

@@ -1,0 +1,162 @@
+"""The regular grid that a map lives on.
+
+Conventions (fixed across modelmap, see DESIGN.md):
+
+- Map arrays are `(nz, ny, nx)` (C order, as `mrcfile` gives them).
+- `voxel_size` and `origin` are given in **x, y, z order** (like positions), in Å.
+- Voxel index `(k, j, i)` is the grid point at `origin + (i vx, j vy, k vz)`: `origin` is the position
+  of grid point `(0, 0, 0)`. A voxel-average renderer integrates over the box of one voxel centred on
+  its grid point.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import equinox as eqx
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float
+
+from ._errors import GridTooLargeError
+
+__all__ = ["Grid", "available_memory_bytes"]
+
+
+def available_memory_bytes() -> int:
+    """Physical memory currently available to this process, in bytes (best effort)."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 62
+
+
+def _triple(value, name: str) -> tuple[float, float, float]:
+    arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (3,))
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {tuple(arr)}")
+    return tuple(float(v) for v in arr)  # type: ignore[return-value]
+
+
+class Grid(eqx.Module):
+    """A regular, axis-aligned grid of points.
+
+    All fields are static (plain Python tuples), so a `Grid` can be a static argument of jitted
+    functions and a field of render functions.
+
+    **Arguments:**
+
+    - `shape`: number of grid points `(nz, ny, nx)`.
+    - `voxel_size`: spacing `(vx, vy, vz)` in Å; a scalar means cubic voxels.
+    - `origin`: position `(x, y, z)` in Å of grid point `(0, 0, 0)`.
+    """
+
+    shape: tuple[int, int, int] = eqx.field(static=True)
+    voxel_size: tuple[float, float, float] = eqx.field(static=True)
+    origin: tuple[float, float, float] = eqx.field(static=True)
+
+    def __init__(self, shape, voxel_size, origin=(0.0, 0.0, 0.0)):
+        shape = tuple(int(n) for n in shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"a grid needs three positive sizes (nz, ny, nx), got {shape}")
+        voxel = _triple(voxel_size, "voxel_size")
+        if min(voxel) <= 0:
+            raise ValueError(f"voxel_size must be positive, got {voxel}")
+        self.shape = shape  # type: ignore[assignment]
+        self.voxel_size = voxel
+        self.origin = _triple(origin, "origin")
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def around_positions(
+        cls,
+        positions: ArrayLike,
+        voxel_size: float | tuple[float, float, float] = 1.0,
+        padding: float = 5.0,
+    ) -> "Grid":
+        """A grid that holds `positions` with `padding` Å of margin on every side.
+
+        The origin is a whole multiple of the voxel size (so the map is written with an integer
+        MRC `nstart`, which every reader places identically).
+
+        **Arguments:**
+
+        - `positions`: `(..., 3)` positions in Å (any leading shape, e.g. an ensemble).
+        - `voxel_size`: Å, scalar or `(vx, vy, vz)`.
+        - `padding`: Å of empty margin beyond the outermost atoms.
+
+        **Returns:** the `Grid`.
+        """
+        pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+        if pos.shape[0] == 0:
+            raise ValueError("cannot build a grid around zero positions")
+        if not np.all(np.isfinite(pos)):
+            raise ValueError("cannot build a grid around NaN or infinite positions")
+        voxel = np.asarray(_triple(voxel_size, "voxel_size"))
+        lo = np.floor((pos.min(0) - padding) / voxel) * voxel
+        hi = pos.max(0) + padding
+        n_xyz = np.floor((hi - lo) / voxel + 1e-9).astype(int) + 1
+        grid = cls(tuple(int(n) for n in n_xyz[::-1]), tuple(voxel), tuple(lo))
+        grid.check_fits_in_memory()
+        return grid
+
+    # -- derived quantities ------------------------------------------------------------------------
+    @property
+    def n_voxels(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def voxel_volume(self) -> float:
+        """Volume of one voxel in Å³."""
+        return math.prod(self.voxel_size)
+
+    @property
+    def extent(self) -> tuple[float, float, float]:
+        """Length `(Lx, Ly, Lz)` in Å covered by the grid points' voxels (n · voxel size)."""
+        nz, ny, nx = self.shape
+        vx, vy, vz = self.voxel_size
+        return (nx * vx, ny * vy, nz * vz)
+
+    def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Coordinates in Å of the grid points along x, y and z (three 1-D numpy arrays)."""
+        nz, ny, nx = self.shape
+        return tuple(
+            o + v * np.arange(n)
+            for o, v, n in zip(self.origin, self.voxel_size, (nx, ny, nz))
+        )  # type: ignore[return-value]
+
+    def coordinates(self) -> np.ndarray:
+        """Positions `(nz, ny, nx, 3)` (x, y, z in Å) of every grid point."""
+        x, y, z = self.axes()
+        zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+        return np.stack([xx, yy, zz], axis=-1)
+
+    def to_index(self, positions: Float[Array, "... 3"]) -> Float[Array, "... 3"]:
+        """Fractional voxel indices `(i, j, k)` (x, y, z order) of positions in Å."""
+        return (positions - np.asarray(self.origin)) / np.asarray(self.voxel_size)
+
+    def to_position(self, index: Float[Array, "... 3"]) -> Float[Array, "... 3"]:
+        """Positions in Å of fractional voxel indices `(i, j, k)` (x, y, z order)."""
+        return np.asarray(self.origin) + index * np.asarray(self.voxel_size)
+
+    def nbytes(self, itemsize: int = 4) -> int:
+        return self.n_voxels * itemsize
+
+    def check_fits_in_memory(self, itemsize: int = 4, copies: float = 4.0) -> None:
+        """Raise `GridTooLargeError` if `copies` maps of this grid would not fit in free memory.
+
+        Called before anything of the grid's size is allocated.
+        """
+        need = self.nbytes(itemsize) * copies
+        have = available_memory_bytes()
+        if need > have:
+            nz, ny, nx = self.shape
+            raise GridTooLargeError(
+                f"a {nx} x {ny} x {nz} grid (x, y, z) needs about {need / 2**30:.1f} GiB "
+                f"({copies:g} copies of {self.nbytes(itemsize) / 2**30:.1f} GiB) but only "
+                f"{have / 2**30:.1f} GiB of memory is available; use a larger voxel size, less "
+                "padding or a smaller box"
+            )
+
+    def __repr__(self) -> str:
+        return f"Grid(shape={self.shape}, voxel_size={self.voxel_size}, origin={self.origin})"

@@ -1,0 +1,6 @@
+"""Render functions: turn a volume into a map on a grid."""
+
+from ._base import AbstractRenderFn as AbstractRenderFn
+from ._gaussian_mixture import GaussianMixtureRenderFn as GaussianMixtureRenderFn
+from ._windows import WindowPlan as WindowPlan, WindowBucket as WindowBucket
+from ._render import render_model as render_model
