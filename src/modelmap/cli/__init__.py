@@ -1,0 +1,3 @@
+"""The `modelmap` command line."""
+
+from ._app import app as app, main as main

@@ -238,8 +238,9 @@ def write_model(path: str | os.PathLike, model: AtomicModel) -> Path:
             doc = _source_cif_document(model)
             if doc is None:
                 doc = st.make_mmcif_document()
-            else:  # keep every category of the input, replace the coordinates
-                st.update_mmcif_block(doc.sole_block())
+            else:  # keep every category of the input, replace only the atom sites
+                groups = gemmi.MmcifOutputGroups(False, atoms=True, group_pdb=True, auth_all=True)
+                st.update_mmcif_block(doc.sole_block(), groups)
             doc.write_file(str(tmp))
         else:
             st.write_pdb(str(tmp))

@@ -1,0 +1,42 @@
+"""Shared fixtures.
+
+Real EMDB maps and PDB models are read in place from the project's shared data folder (never copied
+into the repository). It is looked up as `$MODELMAP_TEST_DATA`, else `../shared/data` beside the
+repository; tests that need it are skipped with the reason when it is absent (a user's machine).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+# float64 references run next to the float32 defaults; modelmap itself always passes dtypes
+jax.config.update("jax_enable_x64", True)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _find_shared_data() -> Path | None:
+    candidates = []
+    if os.environ.get("MODELMAP_TEST_DATA"):
+        candidates.append(Path(os.environ["MODELMAP_TEST_DATA"]))
+    candidates += [REPO.parent / "shared" / "data", REPO / ".." / ".." / "shared" / "data"]
+    for c in candidates:
+        if (c / "README.md").exists():
+            return c.resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared test data folder (EMDB maps + PDB models), or skip."""
+    path = _find_shared_data()
+    if path is None:
+        pytest.skip(
+            "shared test data not found: set MODELMAP_TEST_DATA to the folder with the EMDB maps "
+            "and models (CI has it at ../shared/data)"
+        )
+    return path

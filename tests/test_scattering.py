@@ -1,0 +1,38 @@
+import gemmi
+import numpy as np
+import pytest
+
+import modelmap as mm
+
+
+def test_electron_table_is_gemmi_c4322():
+    t = mm.get_table("electron")
+    for z in (1, 6, 7, 8, 16, 26, 79):
+        el = gemmi.Element(z)
+        np.testing.assert_allclose(np.asarray(t.a[z]), el.c4322.a, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(t.b[z]), el.c4322.b, rtol=1e-6)
+
+
+def test_xray_table_is_gemmi_it92_with_constant_as_b0_gaussian():
+    t = mm.get_table("xray", dtype=np.float64)
+    el = gemmi.Element("S")
+    s = np.linspace(0, 1.5, 7)  # 1/d in 1/Å
+    expected = [el.it92.calculate_sf(float(v / 2) ** 2) for v in s]  # gemmi takes (sinθ/λ)²
+    np.testing.assert_allclose(np.asarray(t(16, s)), expected, rtol=1e-6)  # gemmi stores float32
+    # f(0) = number of electrons (to the fit's accuracy)
+    assert abs(float(t.f0(16)) - 16) < 0.01
+
+
+def test_electron_f0_of_carbon():
+    t = mm.get_table("electron", dtype=np.float64)
+    # ITC 4.3.2.2 carbon: f(0) = sum a_k = 2.5088 Å
+    assert float(t.f0(6)) == pytest.approx(sum(gemmi.Element("C").c4322.a), rel=1e-12)
+    assert float(t.f0(6)) == pytest.approx(2.5088, abs=1e-4)
+
+
+def test_unknown_element_is_named():
+    t = mm.get_table("electron")
+    with pytest.raises(mm.UnknownElementError, match="atomic number"):
+        t.check_elements(np.array([6, 0, 8]))
+    with pytest.raises(mm.UnknownElementError, match="99"):
+        t.check_elements(np.array([99]))
