@@ -19,6 +19,7 @@ from ._errors import (
     GridTooLargeError as GridTooLargeError,
 )
 from ._grid import Grid as Grid
+from ._interpolate import interpolate_map as interpolate_map
 from .io import (
     AtomicModel as AtomicModel,
     DensityMap as DensityMap,

@@ -66,13 +66,19 @@ def read_map(path: str | os.PathLike, *, dtype=jnp.float32) -> DensityMap:
     if path.stat().st_size == 0:
         raise MapFileError(f"{path}: the file is empty")
     try:
-        mrc = mrcfile.open(str(path), mode="r", permissive=True, header_only=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mrc = mrcfile.open(str(path), mode="r", permissive=True, header_only=True)
     except Exception as err:
         raise MapFileError(f"{path}: cannot read it as an MRC/CCP4 map ({err})") from err
     with mrc:
         h = mrc.header
         if not mrc.header.map.tobytes().startswith(b"MAP"):
-            raise MapFileError(f"{path}: not an MRC/CCP4 map (the MAP identifier is missing)")
+            detail = "; ".join(str(w.message) for w in caught)
+            raise MapFileError(
+                f"{path}: not an MRC/CCP4 map (the MAP identifier is missing"
+                + (f"; {detail})" if detail else ")")
+            )
         nc, nr, ns = (int(h.nx), int(h.ny), int(h.nz))
         mode = int(h.mode)
         axes = (int(h.mapc), int(h.mapr), int(h.maps))
@@ -109,13 +115,18 @@ def read_map(path: str | os.PathLike, *, dtype=jnp.float32) -> DensityMap:
     grid = Grid(tuple(int(n) for n in n_xyz[::-1]), tuple(voxel), tuple(origin))
     grid.check_fits_in_memory(itemsize=4, copies=2)
     try:
-        with mrcfile.open(str(path), mode="r", permissive=True) as mrc:
-            data = np.asarray(mrc.data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with mrcfile.open(str(path), mode="r", permissive=True) as mrc:
+                data = None if mrc.data is None else np.asarray(mrc.data)
     except Exception as err:
         raise MapFileError(f"{path}: cannot read the map data ({err})") from err
     if data is None or data.size != nc * nr * ns:
-        raise MapFileError(f"{path}: the file holds {0 if data is None else data.size} values, "
-                           f"the header says {nc * nr * ns}")
+        detail = "; ".join(str(w.message) for w in caught)
+        raise MapFileError(
+            f"{path}: the header says {nc} x {nr} x {ns} values but the data block is "
+            f"{'missing' if data is None else f'{data.size} values'}" + (f" ({detail})" if detail else "")
+        )
     data = data.reshape(ns, nr, nc)  # (sections, rows, columns)
     if axes != (1, 2, 3):
         # array axis 0 = sections (axes[2]), 1 = rows (axes[1]), 2 = columns (axes[0]);

@@ -67,6 +67,11 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
         if not (_is_concrete(volume.variances) and _is_concrete(volume.positions)):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad")
         self.grid.check_fits_in_memory(itemsize=np.dtype(volume.amplitudes.dtype).itemsize)
+        if np.any(np.asarray(volume.variances) <= 0):
+            raise ValueError(
+                "every Gaussian needs a positive variance (b_k + B + extra_b > 0); the X-ray table "
+                "has a b = 0 term, so give the atoms B > 0 or an extra blur"
+            )
         plan = WindowPlan.build(
             self.grid,
             volume.positions,
@@ -93,13 +98,17 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
             raise ValueError(
                 f"the window plan is for {plan.n_sources} sources, the volume has {volume.positions.shape[0]}"
             )
-        variances = eqx.error_if(
-            volume.variances,
-            jnp.any(volume.variances > plan.max_variance[:, None] * (1 + 1e-6)),
-            "a Gaussian is wider than the window planned for it (B grew past the plan's margin); "
-            "rebuild the render function with with_plan(volume, b_margin=...)",
-        )
-        variances = eqx.error_if(variances, jnp.any(variances <= 0), "Gaussian variances must be > 0")
-        return splat_windows(
-            self.grid, plan, volume.positions, volume.amplitudes, variances, self.sampling
-        )
+        return _render_planned(self.grid, self.sampling, plan, volume)
+
+
+@eqx.filter_jit
+def _render_planned(grid: Grid, sampling: str, plan: WindowPlan, volume: GaussianMixtureVolume):
+    # jitted as a whole, so that eager calls compile once per shape and reuse it
+    variances = eqx.error_if(
+        volume.variances,
+        jnp.any(volume.variances > plan.max_variance[:, None] * (1 + 1e-6)),
+        "a Gaussian is wider than the window planned for it (B grew past the plan's margin); "
+        "rebuild the render function with with_plan(volume, b_margin=...)",
+    )
+    variances = eqx.error_if(variances, jnp.any(variances <= 0), "Gaussian variances must be > 0")
+    return splat_windows(grid, plan, volume.positions, volume.amplitudes, variances, sampling)

@@ -123,13 +123,15 @@ class WindowPlan(eqx.Module):
 
 
 def _erf_diff(lo, hi):
-    """erf(hi) - erf(lo) without cancellation in the tails."""
-    both_pos = lo > 0
-    both_neg = hi < 0
-    mid = jax.scipy.special.erf(hi) - jax.scipy.special.erf(lo)
-    pos = jax.scipy.special.erfc(lo) - jax.scipy.special.erfc(hi)
-    neg = jax.scipy.special.erfc(-hi) - jax.scipy.special.erfc(-lo)
-    return jnp.where(both_pos, pos, jnp.where(both_neg, neg, mid))
+    """erf(hi) - erf(lo) for lo <= hi, without cancellation in the tails.
+
+    Mirrored so that the interval's midpoint is >= 0 (erf is odd), then written with erfc, which
+    keeps its relative precision where both ends lie far out in the tail.
+    """
+    mirror = (lo + hi) < 0
+    a = jnp.where(mirror, -hi, lo)
+    b = jnp.where(mirror, -lo, hi)
+    return jax.scipy.special.erfc(a) - jax.scipy.special.erfc(b)
 
 
 def axis_factors(d, variances, voxel: float, sampling: str):

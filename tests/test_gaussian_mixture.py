@@ -1,0 +1,223 @@
+import math
+
+import equinox as eqx
+import gemmi
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import modelmap as mm
+from modelmap._peptide import ideal_peptide
+from modelmap.io import model_from_structure
+
+
+def _atoms(n=3, seed=0, dtype=np.float64, b=(5.0, 20.0, 40.0), z=(6, 8, 16), centre=(4.0, 4.5, 5.0)):
+    rng = np.random.default_rng(seed)
+    pos = np.asarray(centre) + rng.uniform(-2.0, 2.0, size=(n, 3))
+    return mm.Atoms(
+        jnp.asarray(pos, dtype), np.asarray(z[:n]), jnp.asarray(b[:n], dtype), jnp.asarray([1.0, 0.7, 0.4][:n], dtype)
+    )
+
+
+def _density(points, atoms, table):
+    """The mixture's density at points (..., 3), evaluated in 3-D (no separability used)."""
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, table)
+    out = np.zeros(points.shape[:-1])
+    for p, a, v in zip(np.asarray(vol.positions), np.asarray(vol.amplitudes), np.asarray(vol.variances)):
+        r2 = np.sum((points - p) ** 2, axis=-1)
+        for ak, vk in zip(a, v):
+            out += ak * (2 * np.pi * vk) ** -1.5 * np.exp(-r2 / (2 * vk))
+    return out
+
+
+def test_voxel_averages_equal_dense_integration_float64():
+    atoms = _atoms()
+    grid = mm.Grid((12, 11, 10), (0.9, 0.85, 1.0), (0.2, 0.0, -0.3))
+    table = mm.get_table("electron", dtype=jnp.float64)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, table)
+    ours = np.asarray(mm.GaussianMixtureRenderFn(grid, sampling="average")(vol))
+    # dense integration: 12-point Gauss-Legendre per axis inside every voxel box, full 3-D density
+    t, w = np.polynomial.legendre.leggauss(12)
+    coords = grid.coordinates()  # (nz, ny, nx, 3)
+    vx, vy, vz = grid.voxel_size
+    ref = np.zeros(grid.shape)
+    for iz, (tz, wz) in enumerate(zip(t, w)):
+        for ty, wy in zip(t, w):
+            offs = np.stack([0.5 * vx * t, np.full_like(t, 0.5 * vy * ty), np.full_like(t, 0.5 * vz * tz)], -1)
+            pts = coords[..., None, :] + offs  # (nz, ny, nx, 12, 3)
+            ref += (wz * wy / 8) * np.einsum("...q,q->...", _density(pts, atoms, table), w)
+    peak = ref.max()
+    assert np.max(np.abs(ours - ref)) <= 1e-6 * peak
+
+
+def test_point_samples_equal_the_density():
+    atoms = _atoms(seed=1)
+    grid = mm.Grid((10, 10, 10), 0.8, (0.5, 0.7, 1.0))
+    table = mm.get_table("xray", dtype=jnp.float64)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, table)
+    ours = np.asarray(mm.GaussianMixtureRenderFn(grid, sampling="point")(vol))
+    ref = _density(grid.coordinates(), atoms, table)
+    assert np.max(np.abs(ours - ref)) <= 1e-6 * ref.max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_map_integral_equals_sum_of_occupancy_times_f0(dtype):
+    atoms = _atoms(dtype=dtype, centre=(10.0, 10.0, 10.0))
+    grid = mm.Grid((24, 24, 24), 0.9, (-1.0, -1.0, -1.0))
+    for table_name in ("electron", "xray"):
+        table = mm.get_table(table_name, dtype=dtype)
+        vol = mm.GaussianMixtureVolume.from_atoms(atoms, table, extra_b=10.0)
+        out = mm.GaussianMixtureRenderFn(grid)(vol)
+        assert out.dtype == dtype
+        total = float(np.sum(np.asarray(out, np.float64))) * grid.voxel_volume
+        expected = float(np.sum(np.asarray(atoms.occupancies) * np.asarray(table.f0(atoms.atomic_numbers))))
+        assert total == pytest.approx(expected, rel=1e-4)
+
+
+def _gemmi_point_map(structure: gemmi.Structure, grid: mm.Grid) -> np.ndarray:
+    """gemmi DensityCalculatorE (direct summation, blur 0) on the same grid points."""
+    st = structure.clone()
+    st.remove_empty_chains()
+    ox, oy, oz = grid.origin
+    for model in st:
+        for chain in model:
+            for res in chain:
+                for atom in res:
+                    atom.pos = gemmi.Position(atom.pos.x - ox, atom.pos.y - oy, atom.pos.z - oz)
+    nz, ny, nx = grid.shape
+    margin = 24  # voxels of empty cell beyond the box, so nothing wraps back in
+    vx, vy, vz = grid.voxel_size
+    dc = gemmi.DensityCalculatorE()
+    dc.grid.unit_cell = gemmi.UnitCell((nx + margin) * vx, (ny + margin) * vy, (nz + margin) * vz, 90, 90, 90)
+    dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
+    dc.grid.set_size(nx + margin, ny + margin, nz + margin)
+    dc.put_model_density_on_grid(st[0])
+    arr = np.array(dc.grid, copy=False)  # (x, y, z)
+    return np.transpose(arr[:nx, :ny, :nz], (2, 1, 0))
+
+
+def test_point_map_equals_gemmi_density_calculator_3ajo(shared_data):
+    model = mm.read_model(shared_data / "emd20026_apoferritin" / "3ajo_fitted_refined.pdb")
+    grid = mm.Grid.around_positions(model.atoms.positions, 1.0, 5.0)
+    ours = np.asarray(mm.render_model(model.atoms, grid, 0.0, sampling="point"))
+    theirs = _gemmi_point_map(model.structure, grid)
+    assert ours.shape == theirs.shape
+    rel = np.max(np.abs(ours - theirs)) / theirs.max()
+    assert rel <= 1e-3, rel
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99999
+
+
+def _cc(a, b):
+    a = a - a.mean()
+    b = b - b.mean()
+    return jnp.sum(a * b) / jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b))
+
+
+def test_gradients_of_cc_loss_equal_float64_central_differences():
+    model = model_from_structure(ideal_peptide("AGAA"), dtype=jnp.float64)
+    atoms = model.atoms
+    grid = mm.Grid.around_positions(atoms.positions, 0.8, 4.0)
+    table = mm.get_table("electron", dtype=jnp.float64)
+    rng = np.random.default_rng(5)
+    shifted = eqx.tree_at(lambda a: a.positions, atoms, atoms.positions + rng.normal(0, 0.3, atoms.positions.shape))
+    render_fn = mm.GaussianMixtureRenderFn(grid, n_sigma=8.0)
+    target = render_fn(mm.GaussianMixtureVolume.from_atoms(shifted, table, extra_b=30.0))
+    render_fn = render_fn.with_plan(mm.GaussianMixtureVolume.from_atoms(atoms, table, extra_b=30.0), b_margin=1.0)
+    atoms = eqx.tree_at(lambda a: a.occupancies, atoms, jnp.linspace(0.5, 1.0, atoms.n_atoms))
+
+    def loss(a):
+        return -_cc(render_fn(mm.GaussianMixtureVolume.from_atoms(a, table, extra_b=30.0)), target)
+
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(atoms)
+    loss_j = eqx.filter_jit(loss)
+    h = 1e-5
+    for leaf, picks in (
+        ("positions", [(0, 0), (3, 1), (7, 2), (12, 0), (18, 2)]),
+        ("b_factors", [(0,), (5,), (11,)]),
+        ("occupancies", [(2,), (9,), (17,)]),
+    ):
+        g = np.asarray(getattr(grads, leaf))
+        scale = np.max(np.abs(g))
+        for idx in picks:
+            def shifted_loss(delta):
+                arr = getattr(atoms, leaf).at[idx].add(delta)
+                return float(loss_j(eqx.tree_at(lambda a: getattr(a, leaf), atoms, arr)))
+            fd = (shifted_loss(h) - shifted_loss(-h)) / (2 * h)
+            assert abs(g[idx] - fd) <= 1e-5 * scale, (leaf, idx, g[idx], fd)
+
+
+def test_jit_vmap_and_plain_call_agree():
+    atoms = _atoms(dtype=np.float32, centre=(5.0, 5.0, 5.0))
+    grid = mm.Grid((14, 13, 12), 0.9)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, extra_b=5.0)
+    render_fn = mm.GaussianMixtureRenderFn(grid).with_plan(vol)
+    plain = np.asarray(render_fn(vol))
+    jitted = np.asarray(eqx.filter_jit(lambda r, v: r(v))(render_fn, vol))
+    np.testing.assert_allclose(jitted, plain, rtol=1e-5, atol=1e-6 * plain.max())
+    shifts = jnp.asarray([[0.0, 0, 0], [0.3, -0.2, 0.1], [-0.4, 0.5, 0.25]], jnp.float32)
+    batch = eqx.tree_at(lambda v: v.positions, vol, vol.positions[None] + shifts[:, None, :])
+    in_axes = mm.GaussianMixtureVolume(0, None, None)
+    maps = np.asarray(jax.vmap(render_fn, in_axes=(in_axes,))(batch))
+    for i in range(3):
+        one = eqx.tree_at(lambda v: v.positions, vol, vol.positions + shifts[i])
+        np.testing.assert_allclose(maps[i], np.asarray(render_fn(one)), rtol=1e-5, atol=1e-6 * plain.max())
+
+
+def test_atoms_near_and_beyond_the_edges():
+    """A crop rendered directly equals the same crop of a larger map (padding logic)."""
+    atoms = _atoms(n=3, dtype=np.float64, centre=(0.0, 0.0, 0.0), b=(10.0, 30.0, 60.0))
+    far = mm.Atoms(jnp.asarray([[40.0, 0, 0]]), [8], jnp.asarray([20.0]), jnp.asarray([1.0]))
+    both = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), atoms, far)
+    table = mm.get_table("electron", dtype=jnp.float64)
+    big = mm.Grid((30, 30, 30), 1.0, (-15.0, -15.0, -15.0))
+    small = mm.Grid((8, 9, 10), 1.0, (-1.0, -3.0, 0.0))  # cuts through the atoms
+    vol = mm.GaussianMixtureVolume.from_atoms(both, table)
+    m_big = np.asarray(mm.GaussianMixtureRenderFn(big)(vol))
+    m_small = np.asarray(mm.GaussianMixtureRenderFn(small)(vol))
+    np.testing.assert_allclose(m_small, m_big[15:23, 12:21, 14:24], atol=1e-12)
+
+
+def test_ensemble_renders_the_mean_map():
+    st = ideal_peptide("AAA")
+    a = model_from_structure(st, dtype=jnp.float64).atoms
+    b = eqx.tree_at(lambda x: x.positions, a, a.positions + jnp.asarray([0.7, 0.0, -0.3]))
+    ens = jax.tree_util.tree_map(lambda x, y: jnp.stack([x, y]), a, b)
+    grid = mm.Grid.around_positions(ens.positions, 1.0, 4.0)
+    render = lambda atoms: np.asarray(mm.render_model(atoms, grid, 2.0))  # noqa: E731
+    np.testing.assert_allclose(render(ens), 0.5 * (render(a) + render(b)), atol=1e-12)
+
+
+def test_wider_gaussian_than_planned_is_an_error():
+    atoms = _atoms(dtype=np.float32)
+    grid = mm.Grid((12, 12, 12), 1.0)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms)
+    render_fn = mm.GaussianMixtureRenderFn(grid).with_plan(vol, b_margin=10.0)
+    wider = mm.GaussianMixtureVolume.from_atoms(eqx.tree_at(lambda a: a.b_factors, atoms, atoms.b_factors + 9.0))
+    render_fn(wider)  # within the margin
+    too_wide = mm.GaussianMixtureVolume.from_atoms(eqx.tree_at(lambda a: a.b_factors, atoms, atoms.b_factors + 30.0))
+    with pytest.raises(Exception, match="wider than the window"):
+        eqx.filter_jit(lambda r, v: r(v))(render_fn, too_wide).block_until_ready()
+
+
+def test_unplanned_render_under_jit_says_what_to_do():
+    atoms = _atoms(dtype=np.float32)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms)
+    render_fn = mm.GaussianMixtureRenderFn(mm.Grid((8, 8, 8), 1.0))
+    with pytest.raises(ValueError, match="with_plan"):
+        jax.jit(lambda v: render_fn(v))(vol)
+
+
+def test_zero_width_gaussian_is_refused():
+    atoms = mm.Atoms(jnp.zeros((1, 3)), [6], jnp.zeros(1), jnp.ones(1))
+    with pytest.raises(ValueError, match="positive variance"):
+        mm.render_model(atoms, mm.Grid((8, 8, 8), 1.0, (-4.0, -4.0, -4.0)), 0.0, table="xray")
+
+
+def test_resolution_blur_is_molmap_sigma():
+    # B = 4 D^2  <=>  sigma = D / (pi sqrt 2) = 0.225 D
+    for d in (2.0, 3.5, 6.0):
+        sigma = math.sqrt(mm.resolution_to_blur(d) / (8 * math.pi**2))
+        assert sigma == pytest.approx(d / (math.pi * math.sqrt(2)), rel=1e-12)
+    with pytest.raises(ValueError):
+        mm.resolution_to_blur(-1.0)
