@@ -32,6 +32,7 @@ from .io import (
 from .render import (
     AbstractRenderFn as AbstractRenderFn,
     GaussianMixtureRenderFn as GaussianMixtureRenderFn,
+    NufftRenderFn as NufftRenderFn,
     WindowPlan as WindowPlan,
     render_model as render_model,
 )
@@ -39,6 +40,7 @@ from .scattering import ScatteringTable as ScatteringTable, get_table as get_tab
 from .volumes import (
     AbstractVolume as AbstractVolume,
     GaussianMixtureVolume as GaussianMixtureVolume,
+    IndependentAtomVolume as IndependentAtomVolume,
     resolution_to_blur as resolution_to_blur,
 )
 
