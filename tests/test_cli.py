@@ -54,3 +54,30 @@ def test_render_errors_are_clear_and_inputs_safe(tmp_path):
     result = runner.invoke(app, ["render", str(model), "-d", "3", "-o", str(model)])
     assert result.exit_code == 2 and "input" in result.output
     assert mm.read_model(model).n_atoms == 15
+
+
+def test_render_fourier_method(tmp_path):
+    import pytest
+
+    pytest.importorskip("jax_finufft")
+    from modelmap._peptide import ideal_peptide
+    from modelmap.scattering import atomic_image
+
+    model = tmp_path / "one.pdb"
+    ideal_peptide("G").write_pdb(str(model))
+    out = tmp_path / "f.mrc"
+    result = runner.invoke(app, ["render", str(model), "-d", "3", "--method", "fourier", "--sampling", "point",
+                                 "--voxel-size", "1.0", "--padding", "8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    density = mm.read_map(out)
+    m = mm.read_model(model)
+    # the Fourier map has negative ripples (a Gaussian map never goes below 0)
+    assert float(np.min(np.asarray(density.data))) < 0
+    # and its peak is about the sum of the exact 3 Å images at the atom nearest the maximum
+    pos = np.asarray(m.atoms.positions, np.float64)
+    z = np.asarray(m.atoms.atomic_numbers)
+    b = np.asarray(m.atoms.b_factors, np.float64)
+    peak = np.unravel_index(np.argmax(np.asarray(density.data)), density.grid.shape)
+    x = density.grid.coordinates()[peak]
+    expected = sum(atomic_image(int(z[i]), np.linalg.norm(pos[i] - x), 3.0, b[i]) for i in range(len(z)))
+    assert float(np.asarray(density.data)[peak]) == pytest.approx(expected, rel=2e-2)

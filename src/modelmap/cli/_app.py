@@ -21,6 +21,7 @@ app = typer.Typer(
 
 class Method(str, enum.Enum):
     gaussian = "gaussian"
+    fourier = "fourier"
 
 
 class Table(str, enum.Enum):
@@ -115,7 +116,8 @@ def render(
         typer.Option(
             "-d", "--resolution",
             help="Resolution D in Å. For --method gaussian it adds a Gaussian blur of B = 4·D² Å² "
-            "to every atom's own B (σ = 0.225·D, as ChimeraX molmap); 0 = the atoms' own B only.",
+            "to every atom's own B (σ = 0.225·D, as ChimeraX molmap); 0 = the atoms' own B only. "
+            "For --method fourier it is the hard cut |s| <= 1/D of the exact Fourier map.",
         ),
     ],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output map (.mrc, .map or .mrc.gz).")] = None,
@@ -123,7 +125,8 @@ def render(
     voxel_size: Annotated[float, typer.Option("--voxel-size", help="Voxel size in Å (without --like).")] = 1.0,
     padding: Annotated[float, typer.Option("--padding", help="Å of margin around the model (without --like).")] = 5.0,
     table: Annotated[Table, typer.Option("--table", help="Scattering factors: electron (ITC 4.3.2.2/Peng 1996) or xray (IT92).")] = Table.electron,
-    method: Annotated[Method, typer.Option("--method", help="gaussian: 5-Gaussian form factors rendered in local windows.")] = Method.gaussian,
+    method: Annotated[Method, typer.Option("--method", help="gaussian: 5-Gaussian form factors rendered in local windows; fourier: the exact "
+                  "finite-resolution Fourier map (type-1 NUFFT, needs the 'nufft' extra).")] = Method.gaussian,
     sampling: Annotated[Sampling, typer.Option("--sampling", help="average: exact voxel averages (erf); point: values at grid points.")] = Sampling.average,
     hydrogens: Annotated[bool, typer.Option("--hydrogens/--no-hydrogens", help="Keep hydrogen atoms.")] = True,
     waters: Annotated[bool, typer.Option("--waters/--no-waters", help="Keep waters.")] = True,
@@ -140,9 +143,7 @@ def render(
             table=table.value, method=method.value, sampling=sampling.value, hydrogens=hydrogens,
             waters=waters, altloc=altloc.value, cxc=cxc,
         )
-    except (ModelmapError, FileExistsError) as err:
-        _fail(str(err))
-    except ValueError as err:
+    except (ModelmapError, FileExistsError, ValueError, ImportError) as err:
         _fail(str(err))
     nx, ny, nz = s["grid_xyz"]
     typer.echo(f"read {s['model']}: {s['atoms']} atoms")
