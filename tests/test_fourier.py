@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import modelmap as mm
+
+from ._reference import assert_gradients_match_central_differences, cc
 from modelmap.scattering import atomic_image
 
 pytest.importorskip("jax_finufft", reason="jax-finufft (the 'nufft' extra) is not installed")
@@ -180,12 +182,6 @@ def test_agrees_with_gemmi_fft_route_on_real_maps(shared_data, model_file, map_f
     assert cc >= 0.999 and rel <= 1e-3, (cc, rel)
 
 
-def _cc(a, b):
-    a = a - a.mean()
-    b = b - b.mean()
-    return jnp.sum(a * b) / jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b))
-
-
 def test_gradients_equal_float64_central_differences():
     rng = np.random.default_rng(3)
     n = 6
@@ -200,21 +196,14 @@ def test_gradients_equal_float64_central_differences():
     target = render_fn(mm.IndependentAtomVolume.from_atoms(shifted, table))
 
     def loss(a):
-        return -_cc(render_fn(mm.IndependentAtomVolume.from_atoms(a, table)), target)
+        return -cc(render_fn(mm.IndependentAtomVolume.from_atoms(a, table)), target)
 
-    grads = eqx.filter_jit(eqx.filter_grad(loss))(atoms)
-    loss_j = eqx.filter_jit(loss)
-    h = 1e-5
-    for leaf, picks in (("positions", [(0, 0), (2, 1), (5, 2)]), ("b_factors", [(1,), (4,)]),
-                        ("occupancies", [(0,), (3,)])):
-        g = np.asarray(getattr(grads, leaf))
-        scale = np.max(np.abs(g))
-        for idx in picks:
-            def f(delta):
-                arr = getattr(atoms, leaf).at[idx].add(delta)
-                return float(loss_j(eqx.tree_at(lambda a: getattr(a, leaf), atoms, arr)))
-            fd = (f(h) - f(-h)) / (2 * h)
-            assert abs(g[idx] - fd) <= 1e-5 * scale, (leaf, idx, g[idx], fd)
+    assert_gradients_match_central_differences(
+        loss,
+        atoms,
+        {"positions": [(0, 0), (2, 1), (5, 2)], "b_factors": [(1,), (4,)],
+         "occupancies": [(0,), (3,)]},
+    )
 
 
 def test_b_outside_the_planned_range_is_an_error():

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import modelmap as mm
+
+from ._reference import assert_gradients_match_central_differences, cc
 from modelmap._peptide import ideal_peptide
 from modelmap.io import model_from_structure
 
@@ -108,12 +110,6 @@ def test_point_map_equals_gemmi_density_calculator_3ajo(shared_data):
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99999
 
 
-def _cc(a, b):
-    a = a - a.mean()
-    b = b - b.mean()
-    return jnp.sum(a * b) / jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b))
-
-
 def test_gradients_of_cc_loss_equal_float64_central_differences():
     model = model_from_structure(ideal_peptide("AGAA"), dtype=jnp.float64)
     atoms = model.atoms
@@ -127,24 +123,17 @@ def test_gradients_of_cc_loss_equal_float64_central_differences():
     atoms = eqx.tree_at(lambda a: a.occupancies, atoms, jnp.linspace(0.5, 1.0, atoms.n_atoms))
 
     def loss(a):
-        return -_cc(render_fn(mm.GaussianMixtureVolume.from_atoms(a, table, extra_b=30.0)), target)
+        return -cc(render_fn(mm.GaussianMixtureVolume.from_atoms(a, table, extra_b=30.0)), target)
 
-    grads = eqx.filter_jit(eqx.filter_grad(loss))(atoms)
-    loss_j = eqx.filter_jit(loss)
-    h = 1e-5
-    for leaf, picks in (
-        ("positions", [(0, 0), (3, 1), (7, 2), (12, 0), (18, 2)]),
-        ("b_factors", [(0,), (5,), (11,)]),
-        ("occupancies", [(2,), (9,), (17,)]),
-    ):
-        g = np.asarray(getattr(grads, leaf))
-        scale = np.max(np.abs(g))
-        for idx in picks:
-            def shifted_loss(delta):
-                arr = getattr(atoms, leaf).at[idx].add(delta)
-                return float(loss_j(eqx.tree_at(lambda a: getattr(a, leaf), atoms, arr)))
-            fd = (shifted_loss(h) - shifted_loss(-h)) / (2 * h)
-            assert abs(g[idx] - fd) <= 1e-5 * scale, (leaf, idx, g[idx], fd)
+    assert_gradients_match_central_differences(
+        loss,
+        atoms,
+        {
+            "positions": [(0, 0), (3, 1), (7, 2), (12, 0), (18, 2)],
+            "b_factors": [(0,), (5,), (11,)],
+            "occupancies": [(2,), (9,), (17,)],
+        },
+    )
 
 
 def test_jit_vmap_and_plain_call_agree():
