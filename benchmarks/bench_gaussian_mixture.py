@@ -296,15 +296,23 @@ def _worker_modelmap(spec: dict, case: dict) -> dict:
     render_fn = modelmap.GaussianMixtureRenderFn(grid, sampling=sampling).with_plan(volume)
     setup_s = time.perf_counter() - t0
 
-    if spec["mode"] == "forward":
-        render = eqx.filter_jit(lambda rf, v: rf(v))
-        result = _measure(lambda: render(render_fn, volume).block_until_ready(), spec["repeats"])
-    else:
-        value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_neg_cc))
-        result = _measure(lambda: jax.block_until_ready(value_and_grad(volume, render_fn, target)), spec["repeats"])
-        result["loss"] = float(result["_out"][0])
+    result = _time_render(spec, render_fn, volume, target)
     result["setup_s"] = setup_s
     result["window_buckets"] = [list(b.half_width) for b in render_fn.plan.buckets]
+    return result
+
+
+def _time_render(spec: dict, render_fn, volume, target) -> dict:
+    """Time the forward map or value_and_grad of -CC (by `spec["mode"]`) of any render function."""
+    import equinox as eqx
+    import jax
+
+    if spec["mode"] == "forward":
+        render = eqx.filter_jit(lambda rf, v: rf(v))
+        return _measure(lambda: render(render_fn, volume).block_until_ready(), spec["repeats"])
+    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_neg_cc))
+    result = _measure(lambda: jax.block_until_ready(value_and_grad(volume, render_fn, target)), spec["repeats"])
+    result["loss"] = float(result["_out"][0])
     return result
 
 
@@ -341,13 +349,7 @@ def _worker_cryojax(spec: dict, case: dict) -> dict:
     )
     setup_s = time.perf_counter() - t0
 
-    if spec["mode"] == "forward":
-        render = eqx.filter_jit(lambda rf, v: rf(v))
-        result = _measure(lambda: render(render_fn, volume).block_until_ready(), spec["repeats"])
-    else:
-        value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_neg_cc))
-        result = _measure(lambda: jax.block_until_ready(value_and_grad(volume, render_fn, target)), spec["repeats"])
-        result["loss"] = float(result["_out"][0])
+    result = _time_render(spec, render_fn, volume, target)
     result["setup_s"] = setup_s
     result["n_spread"] = n_spread
     result["n_batches"] = spec["cryojax_n_batches"]
