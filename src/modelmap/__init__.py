@@ -33,14 +33,17 @@ from .render import (
     AbstractRenderFn as AbstractRenderFn,
     GaussianMixtureRenderFn as GaussianMixtureRenderFn,
     NufftRenderFn as NufftRenderFn,
+    ShellRenderFn as ShellRenderFn,
     WindowPlan as WindowPlan,
     render_model as render_model,
 )
 from .scattering import ScatteringTable as ScatteringTable, get_table as get_table
+from .shells import ShellTable as ShellTable, get_shell_table as get_shell_table
 from .volumes import (
     AbstractVolume as AbstractVolume,
     GaussianMixtureVolume as GaussianMixtureVolume,
     IndependentAtomVolume as IndependentAtomVolume,
+    ShellDecompositionVolume as ShellDecompositionVolume,
     resolution_to_blur as resolution_to_blur,
 )
 

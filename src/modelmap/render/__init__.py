@@ -3,5 +3,6 @@
 from ._base import AbstractRenderFn as AbstractRenderFn
 from ._gaussian_mixture import GaussianMixtureRenderFn as GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn as NufftRenderFn
+from ._shells import ShellRenderFn as ShellRenderFn
 from ._windows import WindowPlan as WindowPlan, WindowBucket as WindowBucket
 from ._render import render_model as render_model

@@ -7,21 +7,29 @@ from typing import Literal
 from .._atoms import Atoms, validate_atoms
 from .._grid import Grid
 from ..scattering import get_table
-from ..volumes import GaussianMixtureVolume, IndependentAtomVolume, resolution_to_blur
+from ..volumes import (
+    DEFAULT_SHELL_TERMS,
+    GaussianMixtureVolume,
+    IndependentAtomVolume,
+    ShellDecompositionVolume,
+    resolution_to_blur,
+)
 from ._gaussian_mixture import GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn
+from ._shells import ShellRenderFn
 
-METHODS = ("gaussian", "fourier")
+METHODS = ("gaussian", "fourier", "shells")
 
 
 def render_model(
     atoms: Atoms,
     grid: Grid,
-    resolution: float = 0.0,
+    resolution=0.0,
     *,
-    method: Literal["gaussian", "fourier"] = "gaussian",
+    method: Literal["gaussian", "fourier", "shells"] = "gaussian",
     table: str = "electron",
     sampling: Literal["average", "point"] = "average",
+    n_terms: int = DEFAULT_SHELL_TERMS,
 ):
     """Render `atoms` onto `grid` at `resolution` Å (concrete inputs; checks them first).
 
@@ -31,11 +39,16 @@ def render_model(
     - `grid`: the target grid.
     - `resolution`: D in Å. For `method="gaussian"` it becomes the extra blur
       `B = 4 D²` (`resolution_to_blur`); 0 means the atoms' own B only. For `method="fourier"`
-      it is the hard cut |s| <= 1/D of the Fourier synthesis.
-    - `method`: `"gaussian"` (5-Gaussian scattering factors, `GaussianMixtureRenderFn`) or
-      `"fourier"` (the exact finite-resolution Fourier map, `NufftRenderFn`; needs jax-finufft).
+      it is the hard cut |s| <= 1/D of the Fourier synthesis. For `method="shells"` it is each
+      atom's resolution: a scalar, or an `(n,)` array of per-atom values in [1, 10] Å.
+    - `method`: `"gaussian"` (5-Gaussian scattering factors, `GaussianMixtureRenderFn`),
+      `"fourier"` (the exact finite-resolution Fourier map, `NufftRenderFn`; needs jax-finufft) or
+      `"shells"` (the same images from the shell decomposition, a resolution per atom;
+      `ShellRenderFn`).
     - `table`: `"electron"` or `"xray"`.
-    - `sampling`: `"average"` (exact voxel averages) or `"point"`.
+    - `sampling`: `"average"` (exact voxel averages) or `"point"`; the shell map is always
+      sampled at the grid points (`"average"` is refused for it).
+    - `n_terms`: terms kept per atom by the shell method (6 by default; 12-16 for a precise map).
 
     **Returns:** the map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray).
     """
@@ -44,6 +57,11 @@ def render_model(
     validate_atoms(atoms)
     tab = get_table(table, dtype=atoms.positions.dtype)
     tab.check_elements(atoms.atomic_numbers)
+    if method == "shells":
+        if sampling != "point":
+            raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
+        volume = ShellDecompositionVolume.from_atoms(atoms, resolution, table, n_terms=n_terms)
+        return ShellRenderFn(grid)(volume)
     if method == "fourier":
         if resolution <= 0:
             raise ValueError("the Fourier map needs a resolution D > 0 Å (the cut |s| <= 1/D)")

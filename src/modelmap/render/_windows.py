@@ -29,7 +29,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._grid import Grid
 
-__all__ = ["WindowBucket", "WindowPlan", "splat_windows"]
+__all__ = ["WindowBucket", "WindowPlan", "GaussianKernel", "splat_windows", "splat_kernel"]
 
 
 class WindowBucket(eqx.Module):
@@ -64,6 +64,11 @@ class WindowPlan(eqx.Module):
     def n_sources(self) -> int:
         return self.max_variance.shape[0]
 
+    @property
+    def covered_radius(self) -> Float[Array, " n"]:
+        """`(n,)` the radius (Å) of the ball around each source that its window holds."""
+        return self.n_sigma * jnp.sqrt(self.max_variance)
+
     @classmethod
     def build(
         cls,
@@ -93,11 +98,37 @@ class WindowPlan(eqx.Module):
             raise ValueError(f"positions {pos.shape} and variances {var.shape} do not match")
         if not np.all(var > 0):
             raise ValueError("every Gaussian needs a positive variance (b_k + B + extra_b > 0)")
+        return cls.from_radii(grid, pos, n_sigma * np.sqrt(var), n_sigma=n_sigma, chunk_size=chunk_size)
+
+    @classmethod
+    def from_radii(
+        cls,
+        grid: Grid,
+        positions,
+        radii,
+        *,
+        n_sigma: float = 1.0,
+        chunk_size: int = 256,
+        granularity: int | None = 1,
+        max_buckets: int = 8,
+    ) -> "WindowPlan":
+        """Plan windows that hold a ball of radius `radii[i]` (Å) around every source (concrete).
+
+        `granularity` rounds the half widths up to a multiple of it (fewer buckets, fewer compiled
+        scans, slightly larger windows); `None` picks the smallest granularity that leaves at most
+        `max_buckets` window sizes. `max_variance` is then `(covered radius / n_sigma)²`.
+        """
+        pos = np.asarray(positions, np.float64)
+        radii = np.asarray(radii, np.float64)
+        if pos.ndim != 2 or pos.shape[0] != radii.shape[0]:
+            raise ValueError(f"positions {pos.shape} and radii {radii.shape} do not match")
         voxel = np.asarray(grid.voxel_size)
-        sigma = np.sqrt(var)
-        half = np.ceil(n_sigma * sigma[:, None] / voxel[None, :] + 0.5).astype(np.int64)  # (n, 3) x,y,z
-        half = np.maximum(half, 1)
-        # the variance each source's window covers exactly
+        exact = np.ceil(radii[:, None] / voxel[None, :] + 0.5).astype(np.int64)  # (n, 3) x,y,z
+        for g in [granularity] if granularity else range(1, int(exact.max()) + 2):
+            half = np.maximum(g * np.ceil(exact / g).astype(np.int64), 1)
+            if granularity or len(np.unique(half, axis=0)) <= max_buckets:
+                break
+        # the radius (hence variance) each source's window covers exactly
         fit = np.min(((half - 0.5) * voxel[None, :] / n_sigma) ** 2, axis=1)
         # order sources by their voxel (z, then y, then x) for cache locality of the accumulation
         idx = np.floor(grid.to_index(pos)).astype(np.int64)
@@ -154,6 +185,25 @@ def axis_factors(d, variances, voxel: float, sampling: str):
     return 0.5 / voxel * _erf_diff((d - 0.5 * voxel) * scale, (d + 0.5 * voxel) * scale)
 
 
+class GaussianKernel(eqx.Module):
+    """Window values of a sum of isotropic Gaussians (separable: one factor per axis).
+
+    Sources: `A` `(c, K)` amplitudes (integrals) and `V` `(c, K)` per-axis variances (Å²).
+    """
+
+    voxel: tuple[float, float, float] = eqx.field(static=True)
+    sampling: str = eqx.field(static=True)
+
+    def __call__(self, dx, dy, dz, A, V):
+        fx = axis_factors(dx, V, self.voxel[0], self.sampling)
+        fy = axis_factors(dy, V, self.voxel[1], self.sampling)
+        fz = axis_factors(dz, V, self.voxel[2], self.sampling)
+        c, k = A.shape
+        wz, wy, wx = fz.shape[-1], fy.shape[-1], fx.shape[-1]
+        t = (A[:, :, None, None] * fz[:, :, :, None] * fy[:, :, None, :]).reshape(c, k, wz * wy)
+        return jnp.einsum("ckp,ckx->cpx", t, fx).reshape(c, wz, wy, wx)
+
+
 @functools.lru_cache(maxsize=128)
 def _bucket_splatter(
     padded_shape: tuple[int, int, int],
@@ -161,70 +211,101 @@ def _bucket_splatter(
     pad: tuple[int, int, int],
     origin: tuple[float, float, float],
     voxel: tuple[float, float, float],
-    sampling: str,
+    kernel: Callable,
 ) -> Callable:
-    """A function `(map_padded, P, A, V) -> map_padded` with a hand-written VJP, for one bucket.
+    """A function `(map_padded, P, mask, *S) -> map_padded` with a hand-written VJP, for one bucket.
 
-    `P`: `(nc, c, 3)` positions; `A`, `V`: `(nc, c, K)` amplitudes and variances.
+    `P`: `(nc, c, 3)` positions; `mask`: `(nc, c)` False on padding slots; `S`: the sources'
+    parameters, arrays `(nc, c, ...)`. `kernel(dx, dy, dz, *S_chunk)` gives a chunk's window values
+    `(c, wz, wy, wx)` from the offsets (Å) of the window's voxels from the sources, `dx` `(c, wx)` etc.
+    `kernel` must be hashable (an `eqx.Module` with static fields): it keys the compilation cache.
     """
     hx, hy, hz = half
     widths = (2 * hx + 1, 2 * hy + 1, 2 * hz + 1)  # x, y, z
     wz, wy, wx = widths[2], widths[1], widths[0]
     limits = np.array([padded_shape[2], padded_shape[1], padded_shape[0]]) - np.array(widths)
 
-    def window_values(P, A, V):
+    def window_values(P, mask, *S):
         """(starts (c, 3) z,y,x in the padded grid, values (c, wz, wy, wx))."""
         u = (P - jnp.asarray(origin, P.dtype)) / jnp.asarray(voxel, P.dtype)  # (c, 3) x,y,z
         centre = jnp.round(lax.stop_gradient(u)).astype(jnp.int32)
         start = centre - jnp.asarray(half, jnp.int32) + jnp.asarray(pad, jnp.int32)
         inside = jnp.all((start >= 0) & (start <= jnp.asarray(limits, jnp.int32)), axis=1)
-        A = jnp.where(inside[:, None], A, 0)
-        facs = []
+        offsets = []
         for ax in range(3):
             offs = jnp.arange(widths[ax], dtype=P.dtype) - half[ax]
-            d = (centre[:, ax : ax + 1].astype(P.dtype) + offs[None, :] - u[:, ax : ax + 1]) * voxel[ax]
-            facs.append(axis_factors(d, V, voxel[ax], sampling))
-        fx, fy, fz = facs
-        c, k = A.shape
-        t = (A[:, :, None, None] * fz[:, :, :, None] * fy[:, :, None, :]).reshape(c, k, wz * wy)
-        vals = jnp.einsum("ckp,ckx->cpx", t, fx).reshape(c, wz, wy, wx)
+            offsets.append((centre[:, ax : ax + 1].astype(P.dtype) + offs[None, :] - u[:, ax : ax + 1]) * voxel[ax])
+        vals = kernel(*offsets, *S)
+        vals = jnp.where((inside & mask)[:, None, None, None], vals, 0)
         start_zyx = jnp.stack([start[:, 2], start[:, 1], start[:, 0]], axis=1)
         return start_zyx, vals
 
     def add_chunk(m, args):
-        P, A, V = args
-        start, vals = window_values(P, A, V)
+        P, mask, *S = args
+        start, vals = window_values(P, mask, *S)
 
         def body(i, m):
             s = (start[i, 0], start[i, 1], start[i, 2])
             cur = lax.dynamic_slice(m, s, (wz, wy, wx))
-            return lax.dynamic_update_slice(m, cur + vals[i], s)
+            return lax.dynamic_update_slice(m, cur + vals[i].astype(m.dtype), s)
 
         return lax.fori_loop(0, P.shape[0], body, m), None
 
     @jax.custom_vjp
-    def splat(m, P, A, V):
-        m, _ = lax.scan(add_chunk, m, (P, A, V))
+    def splat(m, P, mask, *S):
+        m, _ = lax.scan(add_chunk, m, (P, mask, *S))
         return m
 
-    def splat_fwd(m, P, A, V):
-        return splat(m, P, A, V), (P, A, V)
+    def splat_fwd(m, P, mask, *S):
+        return splat(m, P, mask, *S), (P, mask, S)
 
     def splat_bwd(res, g):
-        P, A, V = res
+        P, mask, S = res
 
         def chunk_grad(_, args):
-            p, a, v = args
-            (start, _), pull = jax.vjp(window_values, p, a, v)
-            gw = jax.vmap(lambda s: lax.dynamic_slice(g, (s[0], s[1], s[2]), (wz, wy, wx)))(start)
+            p, mk, *s = args
+            (start, _), pull = jax.vjp(lambda p_, *s_: window_values(p_, mk, *s_), p, *s)
+            gw = jax.vmap(lambda st: lax.dynamic_slice(g, (st[0], st[1], st[2]), (wz, wy, wx)))(start)
             zero_start = np.zeros(start.shape, jax.dtypes.float0)
             return None, pull((zero_start, gw.astype(p.dtype)))
 
-        _, (gP, gA, gV) = lax.scan(chunk_grad, None, (P, A, V))
-        return g, gP, gA, gV
+        _, grads = lax.scan(chunk_grad, None, (P, mask, *S))
+        g_mask = np.zeros(mask.shape, jax.dtypes.float0)
+        return (g, grads[0], g_mask, *grads[1:])
 
     splat.defvjp(splat_fwd, splat_bwd)
     return splat
+
+
+def splat_kernel(
+    grid: Grid,
+    plan: WindowPlan,
+    positions: Float[Array, "n 3"],
+    sources: tuple,
+    kernel: Callable,
+    dtype,
+) -> Float[Array, "nz ny nx"]:
+    """Sum over sources of `kernel`'s values, each evaluated in the source's planned window.
+
+    **Arguments:**
+
+    - `grid`, `plan`: the target grid and a `WindowPlan` for these sources.
+    - `positions`: `(n, 3)` source positions in Å.
+    - `sources`: a tuple of `(n, ...)` arrays, each source's parameters, handed to `kernel` per chunk.
+    - `kernel`: hashable callable `(dx, dy, dz, *sources_chunk) -> (c, wz, wy, wx)`.
+    - `dtype`: the map's dtype.
+
+    **Returns:** the map `(nz, ny, nx)`.
+    """
+    px, py, pz = plan.pad
+    nz, ny, nx = grid.shape
+    padded_shape = (nz + 2 * pz, ny + 2 * py, nx + 2 * px)
+    m = jnp.zeros(padded_shape, dtype)
+    for bucket in plan.buckets:
+        splat = _bucket_splatter(padded_shape, bucket.half_width, plan.pad, grid.origin, grid.voxel_size, kernel)
+        idx = bucket.indices
+        m = splat(m, positions[idx], bucket.mask, *(s[idx] for s in sources))
+    return m[pz : pz + nz, py : py + ny, px : px + nx]
 
 
 def splat_windows(
@@ -246,15 +327,5 @@ def splat_windows(
 
     **Returns:** the map `(nz, ny, nx)`.
     """
-    px, py, pz = plan.pad
-    nz, ny, nx = grid.shape
-    padded_shape = (nz + 2 * pz, ny + 2 * py, nx + 2 * px)
-    m = jnp.zeros(padded_shape, amplitudes.dtype)
-    for bucket in plan.buckets:
-        splat = _bucket_splatter(padded_shape, bucket.half_width, plan.pad, grid.origin, grid.voxel_size, sampling)
-        idx = bucket.indices
-        P = positions[idx]
-        A = jnp.where(bucket.mask[..., None], amplitudes[idx], 0)
-        V = variances[idx]
-        m = splat(m, P, A, V)
-    return m[pz : pz + nz, py : py + ny, px : px + nx]
+    kernel = GaussianKernel(tuple(grid.voxel_size), sampling)
+    return splat_kernel(grid, plan, positions, (amplitudes, variances), kernel, amplitudes.dtype)

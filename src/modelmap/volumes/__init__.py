@@ -6,3 +6,7 @@ from ._gaussian_mixture import (
     GaussianMixtureVolume as GaussianMixtureVolume,
     resolution_to_blur as resolution_to_blur,
 )
+from ._shell_decomposition import (
+    ShellDecompositionVolume as ShellDecompositionVolume,
+    DEFAULT_SHELL_TERMS as DEFAULT_SHELL_TERMS,
+)
