@@ -81,3 +81,38 @@ def test_render_fourier_method(tmp_path):
     x = density.grid.coordinates()[peak]
     expected = sum(atomic_image(int(z[i]), np.linalg.norm(pos[i] - x), 3.0, b[i]) for i in range(len(z)))
     assert float(np.asarray(density.data)[peak]) == pytest.approx(expected, rel=2e-2)
+
+
+def test_render_shells_with_per_atom_resolution(tmp_path):
+    """--method shells from a constant, from the B column and from a local-resolution map give the
+    same map when they carry the same resolutions; bad per-atom values are refused."""
+    from modelmap._peptide import ideal_peptide
+
+    st = ideal_peptide("GAG", b_factor=3.0)
+    model = tmp_path / "pep.pdb"
+    st.write_pdb(str(model))
+    common = ["--method", "shells", "--voxel-size", "0.8", "--padding", "6", "--no-cxc"]
+    const = tmp_path / "const.mrc"
+    result = runner.invoke(app, ["render", str(model), "-d", "3", "-o", str(const)] + common)
+    assert result.exit_code == 0, result.output
+    # the B column holds 3.0, read as D = 3 Å; with --atom-b 3 the atoms are those of the constant render
+    from_b = tmp_path / "from_b.mrc"
+    result = runner.invoke(app, ["render", str(model), "--resolution-from-b", "--atom-b", "3", "-o", str(from_b)] + common)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(mm.read_map(from_b).data, mm.read_map(const).data, rtol=0,
+                               atol=1e-6 * float(np.max(mm.read_map(const).data)))
+    # a local-resolution map of 3 Å everywhere
+    grid = mm.read_map(const).grid
+    locres = tmp_path / "locres.mrc"
+    mm.write_map(locres, np.full(grid.shape, 3.0, np.float32), grid)
+    from_map = tmp_path / "from_map.mrc"
+    result = runner.invoke(app, ["render", str(model), "--local-resolution", str(locres), "-o", str(from_map)] + common)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(mm.read_map(from_map).data, mm.read_map(const).data, rtol=0,
+                               atol=1e-6 * float(np.max(mm.read_map(const).data)))
+    # out-of-range values are named, never clipped
+    mm.write_map(locres, np.full(grid.shape, 14.0, np.float32), grid, overwrite=True)
+    result = runner.invoke(app, ["render", str(model), "--local-resolution", str(locres), "-o", str(tmp_path / "x.mrc")] + common)
+    assert result.exit_code == 2 and "outside [1, 10] Å" in result.output
+    result = runner.invoke(app, ["render", str(model), "-o", str(tmp_path / "y.mrc")] + common)
+    assert result.exit_code == 2 and "resolution" in result.output

@@ -22,6 +22,7 @@ app = typer.Typer(
 class Method(str, enum.Enum):
     gaussian = "gaussian"
     fourier = "fourier"
+    shells = "shells"
 
 
 class Table(str, enum.Enum):
@@ -67,9 +68,17 @@ def render_to_files(
     waters: bool = True,
     altloc: str = "all",
     cxc: bool = True,
-    echo=print,
+    resolution_from_b: bool = False,
+    local_resolution: Path | None = None,
+    atom_b: float = 0.0,
+    n_terms: int = 6,
 ) -> dict:
-    """Read a model, render its map, write the map (and a ChimeraX script). Returns a summary."""
+    """Read a model, render its map, write the map (and a ChimeraX script). Returns a summary.
+
+    For `method="shells"` every atom may have its own resolution: from `resolution` (one value),
+    from the model's B-factor column (`resolution_from_b`; the atoms' B is then `atom_b`), or from
+    a local-resolution map sampled at the atoms (`local_resolution`, trilinear).
+    """
     import numpy as np
 
     from .. import io
@@ -83,10 +92,24 @@ def render_to_files(
     else:
         grid = Grid.around_positions(model.atoms.positions, voxel_size, padding)
     grid.check_fits_in_memory()
+    atoms, per_atom = model.atoms, resolution
+    if resolution_from_b or local_resolution is not None:
+        if method != "shells":
+            raise ValueError("a per-atom resolution needs --method shells")
+        if resolution_from_b and local_resolution is not None:
+            raise ValueError("give either --resolution-from-b or --local-resolution, not both")
+        per_atom = atom_resolutions(model, resolution_from_b, local_resolution)
+        if resolution_from_b:
+            atoms = type(atoms)(atoms.positions, atoms.atomic_numbers, np.full(atoms.b_factors.shape, atom_b, np.float32),
+                                atoms.occupancies)
+    if method == "shells":
+        sampling = "point"
     data = np.asarray(
-        render_model(model.atoms, grid, resolution, method=method, table=table, sampling=sampling)
+        render_model(atoms, grid, per_atom, method=method, table=table, sampling=sampling, n_terms=n_terms)
     )
-    protect = (model_path,) + ((like,) if like is not None else ())
+    protect = (model_path,) + ((like,) if like is not None else ()) + (
+        (local_resolution,) if local_resolution is not None else ()
+    )
     io.write_map(output, data, grid, protect=protect)
     summary = {
         "model": str(model_path),
@@ -96,6 +119,7 @@ def render_to_files(
         "voxel_size": list(grid.voxel_size),
         "origin": list(grid.origin),
         "max": float(data.max()),
+        "resolution": [float(np.min(per_atom)), float(np.max(per_atom))],
         "seconds": time.perf_counter() - t0,
     }
     if cxc:
@@ -108,25 +132,61 @@ def render_to_files(
     return summary
 
 
+def atom_resolutions(model, from_b: bool, local_resolution: Path | None):
+    """Per-atom resolutions (Å) from the B-factor column or a local-resolution map, checked to lie
+    in the shell tables' range [1, 10] Å (an atom outside it is an error, never clipped)."""
+    import numpy as np
+
+    from .. import io
+    from .._interpolate import interpolate_map
+    from ..shells import D_RANGE
+
+    if from_b:
+        values = np.asarray(model.atoms.b_factors, np.float64)
+        source = f"the B-factor column of {model.path}"
+    else:
+        density = io.read_map(local_resolution)
+        values = np.asarray(interpolate_map(density.data, density.grid, model.atoms.positions, fill=np.nan), np.float64)
+        source = f"the local-resolution map {local_resolution}"
+        outside = ~np.isfinite(values)
+        if outside.any():
+            raise ValueError(f"{int(outside.sum())} atom(s) lie outside {source}'s box")
+    bad = ~np.isfinite(values) | (values < D_RANGE[0]) | (values > D_RANGE[1])
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} of {values.size} per-atom resolutions from {source} lie outside "
+            f"[{D_RANGE[0]:g}, {D_RANGE[1]:g}] Å (values {np.nanmin(values):.3g} to {np.nanmax(values):.3g})"
+        )
+    return values.astype(np.float32)
+
+
 @app.command()
 def render(
     model: Annotated[Path, typer.Argument(help="Model file: PDB or mmCIF, optionally .gz.")],
     resolution: Annotated[
-        float,
+        Optional[float],
         typer.Option(
             "-d", "--resolution",
             help="Resolution D in Å. For --method gaussian it adds a Gaussian blur of B = 4·D² Å² "
             "to every atom's own B (σ = 0.225·D, as ChimeraX molmap); 0 = the atoms' own B only. "
-            "For --method fourier it is the hard cut |s| <= 1/D of the exact Fourier map.",
+            "For --method fourier it is the hard cut |s| <= 1/D of the exact Fourier map; for "
+            "--method shells every atom's resolution (1-10 Å) unless a per-atom source is given.",
         ),
-    ],
+    ] = None,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output map (.mrc, .map or .mrc.gz).")] = None,
     like: Annotated[Optional[Path], typer.Option("--like", help="Use this map's grid (shape, voxel size, origin).")] = None,
     voxel_size: Annotated[float, typer.Option("--voxel-size", help="Voxel size in Å (without --like).")] = 1.0,
     padding: Annotated[float, typer.Option("--padding", help="Å of margin around the model (without --like).")] = 5.0,
     table: Annotated[Table, typer.Option("--table", help="Scattering factors: electron (ITC 4.3.2.2/Peng 1996) or xray (IT92).")] = Table.electron,
     method: Annotated[Method, typer.Option("--method", help="gaussian: 5-Gaussian form factors rendered in local windows; fourier: the exact "
-                  "finite-resolution Fourier map (type-1 NUFFT, needs the 'nufft' extra).")] = Method.gaussian,
+                  "finite-resolution Fourier map (type-1 NUFFT, needs the 'nufft' extra); shells: the same atomic "
+                  "images from the shell decomposition, with a resolution per atom (values at grid points).")] = Method.gaussian,
+    resolution_from_b: Annotated[bool, typer.Option("--resolution-from-b", help="shells: read each atom's resolution (Å) from the B-factor "
+                                                    "column; the atoms' B is then --atom-b.")] = False,
+    local_resolution: Annotated[Optional[Path], typer.Option("--local-resolution", help="shells: a local-resolution map (Å, e.g. from "
+                                                             "ResMap, cryoSPARC or RELION) sampled at the atoms (trilinear).")] = None,
+    atom_b: Annotated[float, typer.Option("--atom-b", help="shells with --resolution-from-b: the atoms' B in Å².")] = 0.0,
+    terms: Annotated[int, typer.Option("--terms", help="shells: terms kept per atom (6: < 0.7 % of the peak; 12-16: < 0.2 %).")] = 6,
     sampling: Annotated[Sampling, typer.Option("--sampling", help="average: exact voxel averages (erf); point: values at grid points.")] = Sampling.average,
     hydrogens: Annotated[bool, typer.Option("--hydrogens/--no-hydrogens", help="Keep hydrogen atoms.")] = True,
     waters: Annotated[bool, typer.Option("--waters/--no-waters", help="Keep waters.")] = True,
@@ -137,16 +197,22 @@ def render(
     from .._errors import ModelmapError
 
     output = output or _default_output(model)
+    if resolution is None and not (resolution_from_b or local_resolution is not None):
+        _fail("give the resolution with -d/--resolution (or, for --method shells, --resolution-from-b or --local-resolution)")
     try:
         s = render_to_files(
-            model, resolution, output, like=like, voxel_size=voxel_size, padding=padding,
-            table=table.value, method=method.value, sampling=sampling.value, hydrogens=hydrogens,
-            waters=waters, altloc=altloc.value, cxc=cxc,
+            model, resolution if resolution is not None else 0.0, output, like=like, voxel_size=voxel_size,
+            padding=padding, table=table.value, method=method.value, sampling=sampling.value, hydrogens=hydrogens,
+            waters=waters, altloc=altloc.value, cxc=cxc, resolution_from_b=resolution_from_b,
+            local_resolution=local_resolution, atom_b=atom_b, n_terms=terms,
         )
     except (ModelmapError, FileExistsError, ValueError, ImportError) as err:
         _fail(str(err))
     nx, ny, nz = s["grid_xyz"]
     typer.echo(f"read {s['model']}: {s['atoms']} atoms")
+    lo, hi = s["resolution"]
+    if method == Method.shells and lo != hi:
+        typer.echo(f"per-atom resolution from {lo:.3g} to {hi:.3g} Å")
     typer.echo(f"wrote {s['map']}: {nx} x {ny} x {nz} voxels of {s['voxel_size'][0]:.4g} Å, "
                f"origin {tuple(round(o, 3) for o in s['origin'])} Å, max {s['max']:.4g}")
     if "cxc" in s:
