@@ -116,3 +116,48 @@ def test_render_shells_with_per_atom_resolution(tmp_path):
     assert result.exit_code == 2 and "outside [1, 10] Å" in result.output
     result = runner.invoke(app, ["render", str(model), "-o", str(tmp_path / "y.mrc")] + common)
     assert result.exit_code == 2 and "resolution" in result.output
+
+
+def test_score_writes_json_and_a_chimerax_script_with_mapq_values(shared_data, tmp_path):
+    """`modelmap score` end to end on the first 100 atoms of 7CEC chain A: the JSON's per-atom Q are
+    MapQ's own (single-process run, σ = 0.6) and its CCs are those of the library functions."""
+    import json
+
+    import gemmi
+
+    folder = shared_data / "emd30342_7cec"
+    map_path, model_path = folder / "390_emd_30342_A_z4.mrc.gz", folder / "390_7cec_A100.cif"
+    out_json, out_cxc = tmp_path / "scores.json", tmp_path / "scores.cxc"
+    result = runner.invoke(app, ["score", str(map_path), str(model_path), "-d", "3.9",
+                                 "--json", str(out_json), "--cxc", str(out_cxc)])
+    assert result.exit_code == 0, result.output
+    assert "CC_mask" in result.output and "Q-score" in result.output
+    report = json.loads(out_json.read_text())
+    block = gemmi.cif.read(str(folder / "390_7cec_A100__Q__390_emd_30342_A_z4.cif")).sole_block()
+    ref = {(r[0], int(r[1]), r[2]): float(r[3])
+           for r in block.find("_atom_site.", ["auth_asym_id", "auth_seq_id", "auth_atom_id", "Q_score"])}
+    ours = {(a["chain"], a["number"], a["name"]): a["q"] for a in report["atoms"]}
+    assert ours.keys() == ref.keys()
+    assert max(abs(ours[k] - ref[k]) for k in ref) <= 1e-3
+    assert abs(report["summary"]["q_mean"] - 0.5197) <= 5e-4
+    density, model = mm.read_map(map_path), mm.read_model(model_path)
+    cc = mm.scores.map_model_cc(density, model, 3.9)
+    assert abs(report["summary"]["cc_mask"] - cc.cc_mask) < 1e-6
+    assert abs(report["summary"]["q_expected"] - (-0.1775 * 3.9 + 1.1192)) < 1e-9
+    # the script opens model, map and the Q attribute file, and colours by it
+    script = out_cxc.read_text().splitlines()
+    assert 'open "scores_qscore.defattr"' in script
+    assert any(line.startswith("color byattribute a:qscore #1") for line in script)
+    lines = (tmp_path / "scores_qscore.defattr").read_text().splitlines()
+    assert "attribute: qscore" in lines and len([x for x in lines if x.startswith("\t")]) == 100
+    first = lines[4].split("\t")
+    assert first[1] == "/A:1@N" and abs(float(first[2]) - ref[("A", 1, "N")]) <= 1e-3
+
+
+def test_score_refuses_bad_input(shared_data, tmp_path):
+    folder = shared_data / "emd30342_7cec"
+    map_path, model_path = folder / "390_emd_30342_A_z4.mrc.gz", folder / "390_7cec_A100.cif"
+    result = runner.invoke(app, ["score", str(map_path), str(model_path), "-d", "0"])
+    assert result.exit_code == 2 and "resolution" in result.output
+    result = runner.invoke(app, ["score", str(tmp_path / "none.mrc"), str(model_path), "-d", "3.9"])
+    assert result.exit_code == 2 and "no such file" in result.output

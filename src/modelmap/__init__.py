@@ -2,7 +2,8 @@
 
 Data flow: `read_model` (gemmi) gives an `AtomicModel` whose `atoms` is an `Atoms` pytree;
 a volume (`GaussianMixtureVolume.from_atoms`) is rendered onto a `Grid` by a render function
-(`GaussianMixtureRenderFn`); `read_map`/`write_map` (mrcfile) handle maps.
+(`GaussianMixtureRenderFn`); `read_map`/`write_map` (mrcfile) handle maps; `modelmap.scores` compares
+a model with a map (`map_model_cc`, `q_score`, `fsc`, `score_model`).
 
 Conventions: Å, Å², positions `(n, 3)` x/y/z, maps `(nz, ny, nx)`, `Grid.origin` = position of grid
 point (0, 0, 0). See DESIGN.md.
@@ -36,6 +37,14 @@ from .render import (
     ShellRenderFn as ShellRenderFn,
     WindowPlan as WindowPlan,
     render_model as render_model,
+)
+from . import scores as scores
+from .scores import (
+    fsc as fsc,
+    local_cc as local_cc,
+    map_model_cc as map_model_cc,
+    q_score as q_score,
+    score_model as score_model,
 )
 from .scattering import ScatteringTable as ScatteringTable, get_table as get_table
 from .shells import ShellTable as ShellTable, get_shell_table as get_shell_table

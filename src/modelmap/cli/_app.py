@@ -1,4 +1,4 @@
-"""`modelmap` command line (typer): render, demo."""
+"""`modelmap` command line (typer): render, score, demo."""
 
 from __future__ import annotations
 
@@ -218,6 +218,103 @@ def render(
     if "cxc" in s:
         typer.echo(f"wrote {s['cxc']} (open in ChimeraX; contour level {s['contour_level']:.4g})")
     typer.echo(f"took {s['seconds']:.1f} s")
+
+
+class QVariant(str, enum.Enum):
+    mapq = "mapq"
+    cctbx = "cctbx"
+
+
+def score_to_files(
+    map_path: Path,
+    model_path: Path,
+    resolution: float,
+    *,
+    json_out: Path | None = None,
+    cxc_out: Path | None = None,
+    sigma: float = 0.6,
+    q_variant: str = "mapq",
+    mapq_multiprocess: bool = False,
+    table: str = "electron",
+):
+    """Score a model against a map; write the JSON report and the ChimeraX script if asked.
+
+    **Returns:** the `ScoreReport`.
+    """
+    import json
+
+    from .. import io
+    from ..io._atomic_write import atomic_path
+    from ..scores import score_model
+
+    density = io.read_map(map_path)
+    model = io.read_model(model_path)
+    report = score_model(density, model, resolution, sigma=sigma, q_variant=q_variant,
+                         mapq_multiprocess=mapq_multiprocess, table=table)
+    inputs = (map_path, model_path)
+    if json_out is not None:
+        payload = {"map": str(map_path), "model": str(model_path), **report.to_json()}
+        with atomic_path(json_out, protect=inputs) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1))
+    if cxc_out is not None:
+        stem = cxc_out.name[: -len(cxc_out.suffix)] if cxc_out.suffix else cxc_out.name
+        defattr = cxc_out.with_name(stem + "_qscore.defattr")
+        for out in (cxc_out, defattr):
+            if any(out.resolve() == Path(p).resolve() for p in inputs):
+                raise FileExistsError(f"refusing to overwrite the input file {out}")
+        io.write_attribute_file(defattr, model.labels, report.q.q, "qscore")
+        level = io.suggest_contour_level(density.data, density.grid.voxel_volume, int(report.q.scored.sum()))
+        io.write_chimerax_script(cxc_out, model_path, map_path, level, extra_commands=(
+            f'open "{defattr.name}"',
+            "color byattribute a:qscore #1 palette 0,red:0.5,white:1,blue noValueColor gray",
+            "key red:0 white:0.5 blue:1 pos 0.85,0.1 size 0.03,0.3",
+        ))
+    return report
+
+
+@app.command()
+def score(
+    map: Annotated[Path, typer.Argument(help="Experimental map (MRC/CCP4, optionally .gz).")],
+    model: Annotated[Path, typer.Argument(help="Model file: PDB or mmCIF, optionally .gz.")],
+    resolution: Annotated[float, typer.Option("-d", "--resolution", help="Map resolution D in Å: the model map is the Fourier "
+                                              "map cut at |s| <= 1/D (as phenix.map_model_cc).")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every score (per atom, residue, chain; FSC curve) as JSON.")] = None,
+    cxc_out: Annotated[Optional[Path], typer.Option("--cxc", help="Write a ChimeraX script (and a .defattr beside it) that colours the model by Q.")] = None,
+    sigma: Annotated[float, typer.Option("--sigma", help="Q-score reference width in Å: 0.6 (MapQ's default) or 0.4 (as in EMDB validation reports).")] = 0.6,
+    q_variant: Annotated[QVariant, typer.Option("--q-variant", help="mapq: MapQ's algorithm exactly; cctbx: cctbx.maptbx.qscore's (32 probes, no r = 0).")] = QVariant.mapq,
+    mapq_multiprocess: Annotated[bool, typer.Option("--mapq-multiprocess", help="Score Q on the map as MapQ's multi-process mode re-grids it "
+                                                    "(to reproduce values published from such runs).")] = False,
+    table: Annotated[Table, typer.Option("--table", help="Scattering factors of the model map.")] = Table.electron,
+) -> None:
+    """Score MODEL against MAP: CC_mask, CC_box, CC_volume, CC_peaks, local CC, Q-score and FSC."""
+    from .._errors import ModelmapError
+
+    t0 = time.perf_counter()
+    try:
+        r = score_to_files(map, model, resolution, json_out=json_out, cxc_out=cxc_out, sigma=sigma,
+                           q_variant=q_variant.value, mapq_multiprocess=mapq_multiprocess, table=table.value)
+    except (ModelmapError, FileExistsError, ValueError, ImportError) as err:
+        _fail(str(err))
+    s = r.summary()
+    fmt = lambda v: "n/a" if v is None or v != v else f"{v:.4f}"  # noqa: E731
+    typer.echo(f"{model} against {map} at {resolution:g} Å")
+    typer.echo(f"  CC_mask   {fmt(s['cc_mask'])}   ({s['n_inside_mask']} voxels inside the model mask)")
+    typer.echo(f"  CC_box    {fmt(s['cc_box'])}")
+    typer.echo(f"  CC_volume {fmt(s['cc_volume'])}")
+    typer.echo(f"  CC_peaks  {fmt(s['cc_peaks'])}")
+    typer.echo(f"  local CC  main chain {fmt(s['cc_main_chain'])}, side chain {fmt(s['cc_side_chain'])} "
+               f"(atom radius {s['local_cc_atom_radius']:.2f} Å)")
+    typer.echo(f"  Q-score   {fmt(s['q_mean'])} mean of {int(r.q.scored.sum())} atoms (σ {sigma:g} Å, {q_variant.value}); "
+               f"expected at {resolution:g} Å: {fmt(s['q_expected'])}")
+    q_chain = r.q.per_chain()
+    for chain, cc in r.local.chains.items():
+        typer.echo(f"    chain {chain:<4} CC {fmt(cc)}  Q {fmt(q_chain.get(chain))}")
+    typer.echo(f"  FSC map vs model (inside the mask): {s['fsc_0.5']:.2f} Å at 0.5, {s['fsc_0.143']:.2f} Å at 0.143")
+    if json_out is not None:
+        typer.echo(f"wrote {json_out}")
+    if cxc_out is not None:
+        typer.echo(f"wrote {cxc_out} (open in ChimeraX: the model coloured by Q, red 0 to blue 1)")
+    typer.echo(f"took {time.perf_counter() - t0:.1f} s")
 
 
 @app.command()

@@ -7,4 +7,8 @@ from ._model import (
     model_from_structure as model_from_structure,
 )
 from ._map import DensityMap as DensityMap, read_map as read_map, write_map as write_map
-from ._chimerax import write_chimerax_script as write_chimerax_script, suggest_contour_level as suggest_contour_level
+from ._chimerax import (
+    suggest_contour_level as suggest_contour_level,
+    write_attribute_file as write_attribute_file,
+    write_chimerax_script as write_chimerax_script,
+)

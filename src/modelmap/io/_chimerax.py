@@ -52,3 +52,37 @@ def write_chimerax_script(
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _atom_spec(labels, i: int) -> str:
+    icode = labels.insertion_code[i].strip()
+    return f"/{labels.chain[i]}:{labels.residue_number[i]}{icode}@{labels.atom_name[i]}"
+
+
+def write_attribute_file(path: str | os.PathLike, labels, values, attribute: str) -> Path:
+    """Write a ChimeraX attribute-assignment file (`.defattr`) giving atoms a float attribute.
+
+    Atoms whose value is NaN (e.g. hydrogens, which have no Q-score) are left out, so ChimeraX
+    leaves them without the attribute (`color byattribute ... noValueColor` colours them).
+
+    **Arguments:**
+
+    - `path`: the `.defattr` file to write (atomically).
+    - `labels`: `AtomLabels` of the model (chain, residue number, insertion code, atom name).
+    - `values`: `(n,)` one value per atom.
+    - `attribute`: the attribute's name (letters, digits, underscores; not starting with a digit).
+
+    **Returns:** the path written.
+    """
+    if not attribute.replace("_", "a").isalnum() or attribute[0].isdigit():
+        raise ValueError(f"{attribute!r} is not a valid ChimeraX attribute name")
+    values = np.asarray(values, np.float64).reshape(-1)
+    if values.size != len(labels):
+        raise ValueError(f"{values.size} values for {len(labels)} atoms")
+    path = Path(path)
+    # "any": atoms with alternate locations share one spec in ChimeraX
+    lines = ["# written by modelmap", f"attribute: {attribute}", "match mode: any", "recipient: atoms"]
+    lines += [f"\t{_atom_spec(labels, i)}\t{v:.4f}" for i, v in enumerate(values) if np.isfinite(v)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
