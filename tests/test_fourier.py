@@ -158,7 +158,7 @@ def _gemmi_fourier_route(structure, render_fn, blur):
     s2 = sz**2 + sy**2 + sx**2
     d = render_fn.resolution
     f *= np.exp(blur * s2 / 4) * (s2 <= (1 + 1e-12) / d**2)
-    rho = np.fft.irfftn(f, s=(nz, ny, nx))
+    rho = np.fft.irfftn(f, s=(nz, ny, nx), axes=(0, 1, 2))
     gz, gy, gx = grid.shape
     return rho[pz : pz + gz, py : py + gy, px : px + gx]
 

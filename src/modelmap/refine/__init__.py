@@ -1,0 +1,20 @@
+"""Real-space refinement: geometry restraints (this module), later the loss and the loop.
+
+Ideal values come from the PDB Chemical Component Dictionary as biotite ships it (side chains,
+ligands, nucleotides), Engh & Huber (1991) for the protein backbone and peptide link, or a CCP4
+monomer library when one is given or `$CLIBD_MON` is set; see `modelmap.refine._restraints`.
+"""
+
+from ._restraints import (
+    ANGLE_SIGMA as ANGLE_SIGMA,
+    BACKBONE_ANGLE_SIGMA as BACKBONE_ANGLE_SIGMA,
+    BOND_SIGMA as BOND_SIGMA,
+    CHIRAL_SIGMA as CHIRAL_SIGMA,
+    PLANE_SIGMA as PLANE_SIGMA,
+    ResidueTemplate as ResidueTemplate,
+    Restraints as Restraints,
+    RestraintsWarning as RestraintsWarning,
+    RestraintWeights as RestraintWeights,
+    build_restraints as build_restraints,
+    residue_template as residue_template,
+)
