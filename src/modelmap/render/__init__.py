@@ -4,5 +4,6 @@ from ._base import AbstractRenderFn as AbstractRenderFn
 from ._gaussian_mixture import GaussianMixtureRenderFn as GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn as NufftRenderFn
 from ._shells import ShellRenderFn as ShellRenderFn
+from ._splat_fourier import SplatFourierRenderFn as SplatFourierRenderFn, aliasing_blur as aliasing_blur
 from ._windows import WindowPlan as WindowPlan, WindowBucket as WindowBucket
 from ._render import render_model as render_model

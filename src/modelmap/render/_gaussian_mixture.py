@@ -48,6 +48,8 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
     - `n_sigma`: window coverage in standard deviations (>= 5 recommended).
     - `chunk_size`: sources per scan step.
     - `plan`: a `WindowPlan`, or `None` to plan at call time from a concrete volume.
+    - `max_buckets`: at most this many window sizes in the plan (fewer compiled scans, slightly
+      larger windows); `None`: every size exact.
     """
 
     grid: Grid = eqx.field(static=True)
@@ -55,6 +57,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
     n_sigma: float = eqx.field(static=True, default=5.0)
     chunk_size: int = eqx.field(static=True, default=256)
     plan: WindowPlan | None = None
+    max_buckets: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.sampling not in ("average", "point"):
@@ -79,6 +82,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
             n_sigma=self.n_sigma,
             chunk_size=self.chunk_size,
             variance_margin=b_margin / (8 * np.pi**2),
+            max_buckets=self.max_buckets,
         )
         return eqx.tree_at(lambda r: r.plan, self, plan, is_leaf=lambda x: x is None)
 

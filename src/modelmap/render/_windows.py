@@ -79,6 +79,7 @@ class WindowPlan(eqx.Module):
         n_sigma: float = 5.0,
         chunk_size: int = 256,
         variance_margin: float = 0.0,
+        max_buckets: int | None = None,
     ) -> "WindowPlan":
         """Plan windows from concrete values (call outside `jit`).
 
@@ -91,6 +92,8 @@ class WindowPlan(eqx.Module):
           widest Gaussian beyond the source, in every direction.
         - `chunk_size`: sources per step of the scan.
         - `variance_margin`: extra variance (Å²) to allow for, e.g. `ΔB/(8π²)` when B will be refined.
+        - `max_buckets`: at most this many window sizes (coarser sizes: fewer compiled scans, a
+          little more work per source); `None` keeps every size exact.
         """
         pos = np.asarray(positions, np.float64)
         var = np.asarray(max_variance, np.float64) + variance_margin
@@ -98,7 +101,10 @@ class WindowPlan(eqx.Module):
             raise ValueError(f"positions {pos.shape} and variances {var.shape} do not match")
         if not np.all(var > 0):
             raise ValueError("every Gaussian needs a positive variance (b_k + B + extra_b > 0)")
-        return cls.from_radii(grid, pos, n_sigma * np.sqrt(var), n_sigma=n_sigma, chunk_size=chunk_size)
+        return cls.from_radii(
+            grid, pos, n_sigma * np.sqrt(var), n_sigma=n_sigma, chunk_size=chunk_size,
+            granularity=1 if max_buckets is None else None, max_buckets=max_buckets or 8,
+        )
 
     @classmethod
     def from_radii(
@@ -212,6 +218,7 @@ def _bucket_splatter(
     origin: tuple[float, float, float],
     voxel: tuple[float, float, float],
     kernel: Callable,
+    forward_kernel: Callable | None = None,
 ) -> Callable:
     """A function `(map_padded, P, mask, *S) -> map_padded` with a hand-written VJP, for one bucket.
 
@@ -219,14 +226,19 @@ def _bucket_splatter(
     parameters, arrays `(nc, c, ...)`. `kernel(dx, dy, dz, *S_chunk)` gives a chunk's window values
     `(c, wz, wy, wx)` from the offsets (Å) of the window's voxels from the sources, `dx` `(c, wx)` etc.
     `kernel` must be hashable (an `eqx.Module` with static fields): it keys the compilation cache.
+    `forward_kernel` (hashable), when given, computes the forward map's window values instead (e.g. a
+    fast approximation of `kernel`): `forward_kernel.tables(*S_chunk)` gives per-source arrays
+    `(c, ...)` once per chunk, and `forward_kernel.values(dx, dy, dz, *tables_i)` one source's window
+    `(wz, wy, wx)` from its offsets `(wx,)`, `(wy,)`, `(wz,)` and its rows of the tables, evaluated
+    where the window is added to the map. The VJP always differentiates `kernel`.
     """
     hx, hy, hz = half
     widths = (2 * hx + 1, 2 * hy + 1, 2 * hz + 1)  # x, y, z
     wz, wy, wx = widths[2], widths[1], widths[0]
     limits = np.array([padded_shape[2], padded_shape[1], padded_shape[0]]) - np.array(widths)
 
-    def window_values(P, mask, *S):
-        """(starts (c, 3) z,y,x in the padded grid, values (c, wz, wy, wx))."""
+    def window_geometry(P, mask):
+        """(starts (c, 3) z,y,x in the padded grid, offsets (Å) [(c, wx), (c, wy), (c, wz)], live (c,))."""
         u = (P - jnp.asarray(origin, P.dtype)) / jnp.asarray(voxel, P.dtype)  # (c, 3) x,y,z
         centre = jnp.round(lax.stop_gradient(u)).astype(jnp.int32)
         start = centre - jnp.asarray(half, jnp.int32) + jnp.asarray(pad, jnp.int32)
@@ -235,19 +247,36 @@ def _bucket_splatter(
         for ax in range(3):
             offs = jnp.arange(widths[ax], dtype=P.dtype) - half[ax]
             offsets.append((centre[:, ax : ax + 1].astype(P.dtype) + offs[None, :] - u[:, ax : ax + 1]) * voxel[ax])
-        vals = kernel(*offsets, *S)
-        vals = jnp.where((inside & mask)[:, None, None, None], vals, 0)
         start_zyx = jnp.stack([start[:, 2], start[:, 1], start[:, 0]], axis=1)
-        return start_zyx, vals
+        return start_zyx, offsets, inside & mask
+
+    def window_values(P, mask, *S):
+        """(starts (c, 3) z,y,x in the padded grid, values (c, wz, wy, wx))."""
+        start_zyx, offsets, live = window_geometry(P, mask)
+        vals = kernel(*offsets, *S)
+        return start_zyx, jnp.where(live[:, None, None, None], vals, 0)
 
     def add_chunk(m, args):
         P, mask, *S = args
-        start, vals = window_values(P, mask, *S)
+        if forward_kernel is None:
+            start, vals = window_values(P, mask, *S)
+
+            def values(i):
+                return vals[i]
+        else:
+            # per-source tables for the chunk, then each window evaluated where it is added
+            start, offsets, live = window_geometry(P, mask)
+            tables = forward_kernel.tables(*S)
+
+            def values(i):
+                dx, dy, dz = (o[i] for o in offsets)
+                v = forward_kernel.values(dx, dy, dz, *(t[i] for t in tables))
+                return jnp.where(live[i], v, 0)
 
         def body(i, m):
             s = (start[i, 0], start[i, 1], start[i, 2])
             cur = lax.dynamic_slice(m, s, (wz, wy, wx))
-            return lax.dynamic_update_slice(m, cur + vals[i].astype(m.dtype), s)
+            return lax.dynamic_update_slice(m, cur + values(i).astype(m.dtype), s)
 
         return lax.fori_loop(0, P.shape[0], body, m), None
 
@@ -284,6 +313,7 @@ def splat_kernel(
     sources: tuple,
     kernel: Callable,
     dtype,
+    forward_kernel: Callable | None = None,
 ) -> Float[Array, "nz ny nx"]:
     """Sum over sources of `kernel`'s values, each evaluated in the source's planned window.
 
@@ -294,6 +324,9 @@ def splat_kernel(
     - `sources`: a tuple of `(n, ...)` arrays, each source's parameters, handed to `kernel` per chunk.
     - `kernel`: hashable callable `(dx, dy, dz, *sources_chunk) -> (c, wz, wy, wx)`.
     - `dtype`: the map's dtype.
+    - `forward_kernel`: optional hashable object with `tables(*sources_chunk)` and
+      `values(dx, dy, dz, *tables_i)` methods that computes the forward map's values instead, one
+      window at a time (see `_bucket_splatter`; gradients still come from `kernel`).
 
     **Returns:** the map `(nz, ny, nx)`.
     """
@@ -302,7 +335,9 @@ def splat_kernel(
     padded_shape = (nz + 2 * pz, ny + 2 * py, nx + 2 * px)
     m = jnp.zeros(padded_shape, dtype)
     for bucket in plan.buckets:
-        splat = _bucket_splatter(padded_shape, bucket.half_width, plan.pad, grid.origin, grid.voxel_size, kernel)
+        splat = _bucket_splatter(
+            padded_shape, bucket.half_width, plan.pad, grid.origin, grid.voxel_size, kernel, forward_kernel
+        )
         idx = bucket.indices
         m = splat(m, positions[idx], bucket.mask, *(s[idx] for s in sources))
     return m[pz : pz + nz, py : py + ny, px : px + nx]
