@@ -1,4 +1,4 @@
-"""Real-space refinement: geometry restraints (this module), later the loss and the loop.
+"""Real-space refinement: map terms, geometry restraints and the `refine` loop.
 
 Ideal values come from the PDB Chemical Component Dictionary as biotite ships it (side chains,
 ligands, nucleotides), Engh & Huber (1991) for the protein backbone and peptide link, or a CCP4
@@ -18,3 +18,10 @@ from ._restraints import (
     build_restraints as build_restraints,
     residue_template as residue_template,
 )
+from ._loss import (
+    cc_loss as cc_loss,
+    least_squares_loss as least_squares_loss,
+    masked_cc as masked_cc,
+    q_loss as q_loss,
+)
+from ._refine import PARAMETERS as PARAMETERS, RefineResult as RefineResult, refine as refine

@@ -1,0 +1,697 @@
+"""Real-space refinement: gradient descent on a map term plus geometry restraints.
+
+The objective, for the refined parameters p (any of coordinates, B, occupancies, per-atom
+resolutions and a rigid-body motion per chain):
+
+    E(p) = w · n · L_map(p) + E_geom(p),
+
+where L_map is a map term from `modelmap.refine._loss` over a mask around the starting model
+(least squares with a fitted scale and offset, 1 − CC, or 1 − mean Q), n the number of atoms (so
+that w · n · L_map reads as a sum over atoms like the restraints), E_geom the restraint energy of
+`Restraints.energy` (dimensionless, Σ (Δ/σ)²), and w the map weight.
+
+**The model map.** With a single resolution D the model map is the Fourier map at D
+(`SplatFourierRenderFn`: the exact hard-sphere Fourier map, as phenix.map_model_cc and
+servalcat compute it, to 1e-4); with per-atom resolutions (`"res"` refined, or a per-atom start) it
+is the shell decomposition (`ShellRenderFn`, Urzhumtsev & Lunin), the only renderer whose atoms each
+have their own resolution.
+
+**Automatic weighting.** As phenix.refine weighs data against restraints (Afonine et al. 2011,
+*Acta Cryst.* D67, 2011; "wxc"), w is set so that the gradients of the two terms have equal norms:
+w = `weight_scale` · |∇E_geom| / |∇(n L_map)| over the refined parameters, at the start of every
+macro-cycle (after which the L-BFGS memory restarts and the neighbour list is rebuilt). If a
+macro-cycle ends with a bond rmsd above `max_bond_rmsd`, the next cycle's w is at most half of it,
+as Phenix's weight search does when geometry degrades. A number given as `map_weight` is used as is.
+
+**Parameters** are scaled to comparable units before the optimiser sees them: 1 Å for
+coordinates and rigid-body translations, 1 Å at the chain's radius of gyration for rotations,
+10 Å² for B, 0.1 for occupancies and 0.3 Å for resolutions. B, occupancy and resolution are
+clipped into their bounds (`b_bounds`, [0, 1], `d_bounds`) where the atoms are built, and their
+restraints (B similarity along bonds, occupancy bounds and alternate conformers summing to 1,
+resolution bounds) are part of E_geom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Literal, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float
+
+from .._atoms import Atoms, validate_atoms
+from .._grid import Grid
+from ..io import AtomicModel, DensityMap
+from ..render import ShellRenderFn, SplatFourierRenderFn
+from ..scores import atom_neighbourhood_mask, select_probes
+from ..shells import D_RANGE
+from ..volumes import IndependentAtomVolume, ShellDecompositionVolume
+from ._loss import least_squares_loss, cc_loss, q_loss
+from ._restraints import Restraints, build_restraints
+
+__all__ = ["PARAMETERS", "RefineResult", "refine"]
+
+PARAMETERS = ("xyz", "b", "occ", "res", "rigid")
+_UNITS = {"xyz": 1.0, "b": 10.0, "occ": 0.1, "res": 0.3}
+_SOLVERS = ("lbfgs", "adam", "optx-lbfgs", "bfgs")
+_DENSE_LIMIT = 3000  # parameters: the most a dense-Hessian solver (BFGS) is allowed
+
+
+@dataclasses.dataclass
+class RefineResult:
+    """What `refine` returns.
+
+    **Fields:**
+
+    - `atoms`: the refined `Atoms` (positions Å, B Å², occupancies).
+    - `resolutions`: `(n,)` refined per-atom resolutions in Å, or `None` when none were refined.
+    - `model`: the input `AtomicModel` with the refined atoms (write it with `write_model`), or
+      `None` when `Atoms` were given.
+    - `history`: per step, numpy arrays `step`, `loss` (the objective), `map_loss`, `cc` (the map
+      CC over the refinement mask: for the least-squares and CC losses), `mean_q` (for the Q loss),
+      `bond_rmsd` (Å), `angle_rmsd` (°), `map_weight`, `time` (s since the start).
+    - `result`: `"converged"` (relative change of the objective below `tol`), `"max_steps"` or
+      `"nonfinite"` (stopped at the last finite point).
+    - `n_steps`: optimiser steps taken.
+    - `map_weight`: the weight w of the last macro-cycle.
+    - `mask`: the boolean refinement mask `(nz, ny, nx)`.
+    """
+
+    atoms: Atoms
+    resolutions: np.ndarray | None
+    model: AtomicModel | None
+    history: dict[str, np.ndarray]
+    result: str
+    n_steps: int
+    map_weight: float
+    mask: np.ndarray
+
+    def summary(self) -> str:
+        h = self.history
+        first, last = 0, len(h["step"]) - 1
+        if last < 0:
+            return f"{self.result}: no steps"
+        return (
+            f"{self.result} after {self.n_steps} steps ({h['time'][last]:.1f} s): "
+            f"CC {h['cc'][first]:.4f} -> {h['cc'][last]:.4f}, bond rmsd {h['bond_rmsd'][first]:.4f} -> "
+            f"{h['bond_rmsd'][last]:.4f} Å, angle rmsd {h['angle_rmsd'][first]:.2f} -> {h['angle_rmsd'][last]:.2f}°"
+        )
+
+
+class _Static(eqx.Module):
+    """Everything the objective needs that is fixed for a refinement (hashable by identity)."""
+
+    render_fn: eqx.Module
+    loss: str = eqx.field(static=True)
+    n_atoms: int = eqx.field(static=True)
+    d_bounds: tuple[float, float] = eqx.field(static=True)
+    use_geometry: bool = eqx.field(static=True)
+    restrain_xyz: bool = eqx.field(static=True)
+    restrain_b: bool = eqx.field(static=True)
+    restrain_occ: bool = eqx.field(static=True)
+    restrain_res: bool = eqx.field(static=True)
+    q_sigma: float = eqx.field(static=True)
+
+
+class _Args(eqx.Module):
+    """The arrays of the objective (traced: changing them does not recompile)."""
+
+    positions: Float[Array, "n 3"]
+    atomic_numbers: Array
+    b_factors: Float[Array, " n"]
+    occupancies: Float[Array, " n"]
+    resolutions: Float[Array, " n"] | None
+    groups: Array  # (n,) rigid-body group of each atom
+    centres: Float[Array, "g 3"]
+    radii: Float[Array, " g"]
+    unit_xyz: Float[Array, " n"]
+    unit_b: Float[Array, " n"]
+    d_lo: Float[Array, " n"] | None
+    d_hi: Float[Array, " n"] | None
+    b_lo: Float[Array, " n"]
+    b_hi: Float[Array, " n"]
+    target: Float[Array, "nz ny nx"]
+    mask: Array
+    restraints: Restraints | None
+    weight: Float[Array, ""]
+    probes: object | None
+    table: object
+    grid: Grid = eqx.field(static=True)
+
+
+def _rotation(v: Float[Array, "g 3"]) -> Float[Array, "g 3 3"]:
+    """Rodrigues' rotation matrices of rotation vectors `v` (radians), smooth at 0."""
+    theta2 = jnp.sum(v * v, -1)
+    safe = jnp.where(theta2 > 1e-12, theta2, 1.0)
+    theta = jnp.sqrt(safe)
+    a = jnp.where(theta2 > 1e-12, jnp.sin(theta) / theta, 1.0 - theta2 / 6)
+    b = jnp.where(theta2 > 1e-12, (1 - jnp.cos(theta)) / safe, 0.5 - theta2 / 24)
+    z = jnp.zeros_like(v[:, 0])
+    k = jnp.stack([
+        jnp.stack([z, -v[:, 2], v[:, 1]], -1),
+        jnp.stack([v[:, 2], z, -v[:, 0]], -1),
+        jnp.stack([-v[:, 1], v[:, 0], z], -1),
+    ], -2)
+    eye = jnp.eye(3, dtype=v.dtype)
+    return eye + a[:, None, None] * k + b[:, None, None] * (k @ k)
+
+
+def _build(u: dict, args: _Args, static: _Static):
+    """(positions, B, occupancies, resolutions) from the scaled parameters `u`."""
+    pos, b, occ, res = args.positions, args.b_factors, args.occupancies, args.resolutions
+    # the model's dtype throughout (an optimiser's line search may step in float64 under x64)
+    u = {k: v.astype(pos.dtype) for k, v in u.items()}
+    if "xyz" in u:
+        pos = pos + u["xyz"] * args.unit_xyz[:, None]
+    if "rigid" in u:
+        rot = _rotation(u["rigid"][:, :3] / args.radii[:, None])
+        shift = u["rigid"][:, 3:]
+        c = args.centres[args.groups]
+        pos = jnp.einsum("nij,nj->ni", rot[args.groups], pos - c) + c + shift[args.groups]
+    if "b" in u:
+        b = jnp.clip(b + u["b"] * args.unit_b, args.b_lo, args.b_hi)
+    if "occ" in u:
+        occ = jnp.clip(occ + u["occ"] * _UNITS["occ"], 0.0, 1.0)
+    if "res" in u:
+        res = jnp.clip(res + u["res"] * _UNITS["res"], args.d_lo, args.d_hi)
+    return pos, b, occ, res
+
+
+def _model_map(pos, b, occ, res, args: _Args, static: _Static):
+    if isinstance(static.render_fn, ShellRenderFn):
+        return static.render_fn(_shell_volume(pos, b, occ, res, args, static))
+    vol = IndependentAtomVolume(pos, occ, b, args.atomic_numbers, args.table)
+    return static.render_fn(vol)
+
+
+def _shell_volume(pos, b, occ, res, args: _Args, static: _Static):
+    table, n_terms = args.table
+    return ShellDecompositionVolume(pos, b, occ, res, args.atomic_numbers, table, n_terms)
+
+
+def _map_loss(u, args: _Args, static: _Static):
+    pos, b, occ, res = _build(u, args, static)
+    if static.loss == "q":
+        return q_loss(args.target, args.grid, pos, args.probes, static.q_sigma)
+    m = _model_map(pos, b, occ, res, args, static)
+    fn = least_squares_loss if static.loss == "ls" else cc_loss
+    return fn(m, args.target, args.mask)
+
+
+def _geometry(u, args: _Args, static: _Static):
+    if not static.use_geometry:
+        return jnp.zeros((), args.positions.dtype)
+    pos, b, occ, res = _build(u, args, static)
+    r = args.restraints
+    terms = r.energy_terms(
+        pos,
+        b if static.restrain_b else None,
+        occ if static.restrain_occ else None,
+        res if static.restrain_res else None,
+    )
+    if not static.restrain_xyz:
+        terms = {k: v for k, v in terms.items() if k in ("b_similarity", "occupancy", "resolution")}
+    total = jnp.zeros((), args.positions.dtype)
+    for v in terms.values():
+        total = total + v
+    return total
+
+
+def _bound_penalty(u, args: _Args, static: _Static):
+    """Σ ((p − clip(p)) / unit)² over B, occupancy and resolution: where `_build` clips a value into
+    its bounds its gradient vanishes, and this term brings it back (0 inside the bounds)."""
+    total = jnp.zeros((), args.positions.dtype)
+    u = {k: v.astype(args.positions.dtype) for k, v in u.items()}
+    if "b" in u:
+        raw = args.b_factors + u["b"] * args.unit_b
+        total = total + jnp.sum(((raw - jnp.clip(raw, args.b_lo, args.b_hi)) / args.unit_b) ** 2)
+    if "occ" in u:
+        raw = args.occupancies + u["occ"] * _UNITS["occ"]
+        total = total + jnp.sum(((raw - jnp.clip(raw, 0.0, 1.0)) / _UNITS["occ"]) ** 2)
+    if "res" in u:
+        raw = args.resolutions + u["res"] * _UNITS["res"]
+        total = total + jnp.sum(((raw - jnp.clip(raw, args.d_lo, args.d_hi)) / _UNITS["res"]) ** 2)
+    return total
+
+
+def _objective(u, args: _Args, static: _Static):
+    return (args.weight * static.n_atoms * _map_loss(u, args, static) + _geometry(u, args, static)
+            + static.n_atoms * _bound_penalty(u, args, static))
+
+
+@eqx.filter_jit
+def _gradient_norms(u, args: _Args, static: _Static):
+    gm = jax.grad(lambda p: static.n_atoms * _map_loss(p, args, static))(u)
+    gg = jax.grad(lambda p: _geometry(p, args, static))(u)
+    norm = lambda g: jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(g)))  # noqa: E731
+    return norm(gm), norm(gg)
+
+
+@eqx.filter_jit
+def _metrics(u, args: _Args, static: _Static):
+    """(E_geom, bond rmsd Å, angle rmsd °) at `u`."""
+    pos, *_ = _build(u, args, static)
+    e = _geometry(u, args, static) + static.n_atoms * _bound_penalty(u, args, static)
+    if args.restraints is None:
+        nan = jnp.full((), jnp.nan, pos.dtype)
+        return e, nan, nan
+    return e, args.restraints.bond_rmsd(pos), args.restraints.angle_rmsd(pos)
+
+
+@eqx.filter_jit
+def _optax_step(u, state, args: _Args, static: _Static, opt):
+    fn = lambda p: _objective(p, args, static)  # noqa: E731
+    if isinstance(opt, _LBFGS):
+        value, grad = optax.value_and_grad_from_state(fn)(u, state=state)
+        updates, state = opt.tx.update(grad, state, u, value=value, grad=grad, value_fn=fn)
+    else:
+        value, grad = jax.value_and_grad(fn)(u)
+        updates, state = opt.tx.update(grad, state, u)
+    # keep the parameters' dtype (optax's scalars may be float64 when x64 is enabled)
+    return jax.tree_util.tree_map(lambda p, d: (p + d).astype(p.dtype), u, updates), state, value
+
+
+class _LBFGS(eqx.Module):
+    tx: optax.GradientTransformationExtraArgs = eqx.field(static=True)
+
+
+class _Adam(eqx.Module):
+    tx: optax.GradientTransformation = eqx.field(static=True)
+
+
+def _as_inputs(model, target, grid):
+    if isinstance(model, AtomicModel):
+        if model.is_ensemble:
+            raise ValueError("refine one model at a time; this one is an ensemble of "
+                             f"{model.atoms.positions.shape[0]} members")
+        atoms, labels = model.atoms, model.labels
+    elif isinstance(model, Atoms):
+        atoms, labels = model, None
+        if atoms.is_ensemble:
+            raise ValueError("refine one model at a time, not an ensemble")
+    else:
+        raise TypeError(f"model must be an AtomicModel or Atoms, got {type(model).__name__}")
+    validate_atoms(atoms, "the model to refine")
+    if isinstance(target, DensityMap):
+        data, grid = target.data, target.grid
+    else:
+        if grid is None:
+            raise ValueError("give the target's grid (grid=...) or a DensityMap")
+        data = target
+    data = jnp.asarray(data, jnp.float32)
+    if data.shape != tuple(grid.shape):
+        raise ValueError(f"the map is {data.shape} but its grid is {grid.shape}")
+    if not bool(jnp.all(jnp.isfinite(data))):
+        raise ValueError("the target map has NaN or infinite values")
+    return atoms, labels, data, grid
+
+
+def _rigid_groups(labels, n: int, groups):
+    if groups is not None:
+        g = np.asarray(groups)
+        if g.shape != (n,):
+            raise ValueError(f"rigid_groups must have one entry per atom ({n}), got {g.shape}")
+        _, inv = np.unique(g, return_inverse=True)
+        return inv.astype(np.int32)
+    if labels is None:
+        return np.zeros(n, np.int32)
+    _, inv = np.unique(np.asarray(labels.chain), return_inverse=True)
+    return inv.astype(np.int32)
+
+
+def refine(
+    model: AtomicModel | Atoms,
+    target: DensityMap | Float[Array, "nz ny nx"],
+    resolution: float,
+    *,
+    refine: Sequence[str] = ("xyz", "b"),
+    grid: Grid | None = None,
+    resolutions: float | Float[Array, " n"] | None = None,
+    restraints: Restraints | bool | None = True,
+    loss: Literal["ls", "cc", "q"] = "ls",
+    mask: Array | np.ndarray | None = None,
+    mask_radius: float | None = None,
+    solver: Literal["lbfgs", "adam", "optx-lbfgs", "bfgs"] = "lbfgs",
+    max_steps: int = 200,
+    macro_cycles: int = 3,
+    tol: float = 1e-7,
+    map_weight: float | Literal["auto"] = "auto",
+    weight_scale: float = 1.0,
+    max_bond_rmsd: float = 0.02,
+    learning_rate: float = 0.05,
+    b_bounds: tuple[float, float] = (1.0, 500.0),
+    b_margin: float = 60.0,
+    d_margin: float = 2.0,
+    d_bounds: tuple[float, float] = (1.5, 9.5),
+    rigid_groups: np.ndarray | None = None,
+    table: str = "electron",
+    n_terms: int | None = None,
+    q_sigma: float = 0.6,
+    progress: bool = True,
+) -> RefineResult:
+    """Refine a model against a map by gradient descent under geometry restraints (module docs).
+
+    **Arguments:**
+
+    - `model`: an `AtomicModel` (needed for restraints; `read_model`) or bare `Atoms`.
+    - `target`: the map, a `DensityMap` or an array `(nz, ny, nx)` with `grid`.
+    - `resolution`: the map's resolution D in Å (the model map's resolution; the start of
+      per-atom resolutions unless `resolutions` is given).
+    - `refine`: any of `"xyz"`, `"b"`, `"occ"`, `"res"`, `"rigid"` (one rigid body per chain, or
+      per `rigid_groups`).
+    - `resolutions`: per-atom starting resolutions (Å) for the shell-decomposition model map.
+    - `restraints`: `True` builds them from the chemical library (`build_restraints`; needs an
+      `AtomicModel` and biotite), a `Restraints` uses those, `False`/`None` refines unrestrained.
+    - `loss`: `"ls"` (least squares with a fitted scale and offset), `"cc"` (1 − CC) or `"q"`
+      (1 − mean differentiable Q-score; coordinates only).
+    - `mask`: voxels of the map term (boolean `(nz, ny, nx)`); default: within `mask_radius` of
+      the starting atoms (default max(3 Å, D)).
+    - `solver`: `"lbfgs"` (optax L-BFGS with a zoom line search), `"adam"` (optax, `learning_rate`
+      in scaled units), `"optx-lbfgs"` or `"bfgs"` (optimistix; BFGS keeps a dense Hessian and is
+      limited to 3000 parameters: rigid bodies, small selections).
+    - `max_steps`: optimiser steps in all; `macro_cycles`: restarts that re-weigh and rebuild the
+      neighbour list (steps are split evenly).
+    - `tol`: stop a macro-cycle when the objective changes by less than `tol` × |objective| over a
+      step (three steps in a row).
+    - `map_weight`: `"auto"` or a fixed w; `weight_scale` multiplies the automatic w.
+    - `max_bond_rmsd`: Å; above it the next macro-cycle at most halves w (auto weight only).
+    - `b_bounds`, `d_bounds`: bounds of B (Å²) and per-atom resolution (Å).
+    - `b_margin`: Å²; each atom's B stays within this of its start (the map's windows are planned
+      for it; run again from the result to go further).
+    - `d_margin`: Å; likewise for each atom's resolution.
+    - `table`: scattering table, `"electron"` or `"xray"`.
+    - `n_terms`: shell terms K of the shell model map (default of `ShellDecompositionVolume`).
+    - `q_sigma`: σ (Å) of the Q loss.
+    - `progress`: a progress bar on the terminal.
+
+    **Returns:** a `RefineResult`.
+    """
+    refine = tuple(dict.fromkeys(refine))
+    unknown = [p for p in refine if p not in PARAMETERS]
+    if unknown or not refine:
+        raise ValueError(f"refine must name some of {PARAMETERS}, got {refine}")
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    if loss not in ("ls", "cc", "q"):
+        raise ValueError(f"loss must be 'ls', 'cc' or 'q', got {loss!r}")
+    if loss == "q" and set(refine) - {"xyz", "rigid"}:
+        raise ValueError("the Q loss depends on coordinates only: refine xyz and/or rigid with it")
+    if max_steps < 1 or macro_cycles < 1:
+        raise ValueError("max_steps and macro_cycles must be >= 1")
+    if not resolution > 0:
+        raise ValueError(f"resolution must be > 0 Å, got {resolution}")
+    atoms, labels, data, grid = _as_inputs(model, target, grid)
+    n = atoms.n_atoms
+    dtype = jnp.float32
+    pos0 = jnp.asarray(atoms.positions, dtype)
+    b0 = jnp.asarray(atoms.b_factors, dtype)
+    occ0 = jnp.asarray(atoms.occupancies, dtype)
+
+    # ---- restraints --------------------------------------------------------------------------
+    if restraints is True:
+        if not isinstance(model, AtomicModel):
+            raise ValueError("restraints=True needs an AtomicModel (residue names); pass Restraints or False")
+        restraints = build_restraints(model)
+    elif restraints is False:
+        restraints = None
+    if restraints is not None and restraints.n_atoms != n:
+        raise ValueError(f"the restraints are for {restraints.n_atoms} atoms, the model has {n}")
+    capacity = None
+    if restraints is not None:
+        restraints = restraints.with_nonbonded(np.asarray(pos0))
+        capacity = int(1.5 * restraints.nonbonded_index.shape[0]) + 64
+        restraints = restraints.with_nonbonded(np.asarray(pos0), capacity=capacity)
+
+    # ---- the model map -----------------------------------------------------------------------
+    per_atom = "res" in refine or resolutions is not None
+    d_bounds = (max(d_bounds[0], D_RANGE[0]), min(d_bounds[1], D_RANGE[1]))
+    if per_atom:
+        from ..shells import get_shell_table
+        from ..volumes._shell_decomposition import DEFAULT_SHELL_TERMS
+
+        res0 = jnp.broadcast_to(jnp.asarray(resolution if resolutions is None else resolutions, dtype), (n,))
+        k = DEFAULT_SHELL_TERMS if n_terms is None else int(n_terms)
+        start = ShellDecompositionVolume.from_atoms(Atoms(pos0, atoms.atomic_numbers, b0, occ0), res0, table, k)
+        # each atom's resolution stays within d_margin of its start (the windows are planned so)
+        d_lo = jnp.maximum(res0 - d_margin, d_bounds[0])
+        d_hi = jnp.minimum(res0 + d_margin, d_bounds[1])
+        render_fn = ShellRenderFn(grid).with_plan(
+            start, b_margin=b_margin if "b" in refine else 0.0, d_margin=d_margin if "res" in refine else 0.0
+        )
+        table_arg = (start.table, k)
+        z_arg = start.element_index
+    else:
+        res0 = d_lo = d_hi = None
+        start = IndependentAtomVolume.from_atoms(Atoms(pos0, atoms.atomic_numbers, b0, occ0), table)
+        render_fn = SplatFourierRenderFn(grid, float(resolution), eps=1e-3).with_plan(
+            start, b_margin=b_margin if "b" in refine else 0.0
+        )
+        table_arg = start.table
+        z_arg = start.atomic_numbers
+    # each atom's B stays within b_margin of its start (the render windows are planned for that)
+    b_lo = jnp.maximum(b0 - b_margin, max(b_bounds[0], 0.0))
+    b_hi = jnp.minimum(b0 + b_margin, b_bounds[1])
+    unit_xyz, unit_b = _units(np.asarray(b0, np.float64), float(resolution), dtype)
+
+    # ---- mask, rigid groups, probes ----------------------------------------------------------
+    if mask is None:
+        radius = max(3.0, float(resolution)) if mask_radius is None else float(mask_radius)
+        mask = atom_neighbourhood_mask(np.asarray(pos0), grid, radius)
+    mask = np.asarray(mask, bool)
+    if mask.shape != tuple(grid.shape) or not mask.any():
+        raise ValueError("the refinement mask must be a non-empty boolean array of the map's shape")
+    groups = _rigid_groups(labels, n, rigid_groups)
+    n_groups = int(groups.max()) + 1
+    p = np.asarray(pos0, np.float64)
+    centres = np.stack([p[groups == g].mean(0) for g in range(n_groups)])
+    radii = np.array([max(math.sqrt(np.mean(np.sum((p[groups == g] - centres[g]) ** 2, -1))), 1.0)
+                      for g in range(n_groups)])
+    probes = select_probes(np.asarray(pos0), atoms.atomic_numbers) if loss == "q" else None
+
+    static = _Static(
+        render_fn=render_fn, loss=loss, n_atoms=n, d_bounds=d_bounds,
+        use_geometry=restraints is not None and bool(set(refine) & {"xyz", "b", "occ", "res"}),
+        # a rigid motion leaves the geometry as it is: restraints act on xyz, B, occupancy, resolution
+        restrain_xyz="xyz" in refine,
+        restrain_b="b" in refine, restrain_occ="occ" in refine, restrain_res="res" in refine,
+        q_sigma=float(q_sigma),
+    )
+    args = _Args(
+        positions=pos0, atomic_numbers=z_arg, b_factors=b0, occupancies=occ0, resolutions=res0,
+        groups=jnp.asarray(groups), centres=jnp.asarray(centres, dtype), radii=jnp.asarray(radii, dtype),
+        unit_xyz=unit_xyz, unit_b=unit_b, d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi, target=data, mask=jnp.asarray(mask), restraints=restraints, weight=jnp.ones((), dtype),
+        probes=probes, grid=grid, table=table_arg,
+    )
+    u = {}
+    for name in refine:
+        if name == "xyz":
+            u[name] = jnp.zeros((n, 3), dtype)
+        elif name == "rigid":
+            u[name] = jnp.zeros((n_groups, 6), dtype)
+        else:
+            u[name] = jnp.zeros((n,), dtype)
+    n_params = sum(x.size for x in u.values())
+    if solver == "bfgs" and n_params > _DENSE_LIMIT:
+        raise ValueError(
+            f"solver='bfgs' keeps a dense {n_params}×{n_params} Hessian; use 'lbfgs' for more than "
+            f"{_DENSE_LIMIT} parameters (or refine rigid bodies / a smaller selection)"
+        )
+
+    history = {k: [] for k in ("step", "loss", "map_loss", "cc", "mean_q", "bond_rmsd", "angle_rmsd",
+                               "map_weight", "time")}
+    t0 = time.perf_counter()
+    if not static.use_geometry or map_weight != "auto":
+        macro_cycles = 1  # nothing to re-weigh or rebuild: one uninterrupted L-BFGS run
+    steps_per_cycle = [max_steps // macro_cycles + (1 if c < max_steps % macro_cycles else 0)
+                       for c in range(macro_cycles)]
+    steps_per_cycle = [s for s in steps_per_cycle if s > 0]
+    result = "max_steps"
+    step = 0
+    weight = None if map_weight == "auto" else float(map_weight)
+    bar = _Progress(progress, max_steps)
+    opt = _make_optimiser(solver, learning_rate, tol)
+    try:
+        for cycle, n_cycle in enumerate(steps_per_cycle):
+            if cycle > 0 and restraints is not None:
+                pos_now = np.asarray(_build(u, args, static)[0])
+                args = eqx.tree_at(lambda a: a.restraints, args,
+                                   _rebuild_neighbours(args.restraints, pos_now, capacity))
+            if map_weight == "auto":
+                gm, gg = (float(x) for x in _gradient_norms(u, args, static))
+                w_new = weight_scale * gg / gm if gm > 0 and gg > 0 else 1.0
+                if weight is not None and history["bond_rmsd"] and history["bond_rmsd"][-1] > max_bond_rmsd:
+                    w_new = min(w_new, 0.5 * weight)
+                weight = w_new
+            args = eqx.tree_at(lambda a: a.weight, args, jnp.asarray(weight, dtype))
+            u, steps_done, converged, finite = _run_cycle(
+                u, args, static, opt, n_cycle, tol, history, step, t0, bar
+            )
+            step += steps_done
+            if not finite:
+                result = "nonfinite"
+                break
+            if converged and cycle == len(steps_per_cycle) - 1:
+                result = "converged"
+    finally:
+        bar.close()
+    pos, b, occ, res = (None if x is None else np.asarray(x) for x in _build(u, args, static))
+    out_atoms = Atoms(pos, atoms.atomic_numbers, b, occ)
+    out_model = model.replace(atoms=out_atoms) if isinstance(model, AtomicModel) else None
+    return RefineResult(
+        atoms=out_atoms, resolutions=res if "res" in refine or resolutions is not None else None,
+        model=out_model, history={k: np.asarray(v) for k, v in history.items()}, result=result,
+        n_steps=step, map_weight=float(weight), mask=mask,
+    )
+
+
+def _units(b0: np.ndarray, resolution: float, dtype):
+    """Per-atom units of coordinates and B: a diagonal preconditioner.
+
+    For a Gaussian atom of total width β (Å²), the map's curvature in the atom's position scales as
+    β^(-5/2) and in its B as β^(-7/2) (∫(∂ρ/∂x)² and ∫(∂ρ/∂B)²); with β = B + 4 D² (the resolution
+    as a Gaussian blur), units proportional to β^(5/4) and β^(7/4) make both curvatures alike for
+    sharp and blurred atoms. Normalized to 1 Å and 10 Å² at the median atom; factors kept in
+    [0.1, 10].
+    """
+    beta = np.maximum(b0, 0.0) + 4.0 * resolution**2
+    rel = beta / np.median(beta)
+    ux = _UNITS["xyz"] * np.clip(rel**1.25, 0.1, 10.0)
+    ub = _UNITS["b"] * np.clip(rel**1.75, 0.1, 10.0)
+    return jnp.asarray(ux, dtype), jnp.asarray(ub, dtype)
+
+
+def _rebuild_neighbours(restraints: Restraints, positions: np.ndarray, capacity: int) -> Restraints:
+    try:
+        return restraints.with_nonbonded(positions, capacity=capacity)
+    except ValueError:  # more contacts than the padded list holds: grow it (one recompilation)
+        return restraints.with_nonbonded(positions)
+
+
+def _record(history, step, u, value, args, static, t0, bar):
+    e_geom, bond, angle = (float(x) for x in _metrics(u, args, static))
+    w = float(args.weight)
+    map_loss = (float(value) - e_geom) / (w * static.n_atoms)
+    if static.loss == "ls":
+        cc, mq = math.sqrt(min(max(1.0 - map_loss, 0.0), 1.0)), math.nan
+    elif static.loss == "cc":
+        cc, mq = 1.0 - map_loss, math.nan
+    else:
+        cc, mq = math.nan, 1.0 - map_loss
+    for k, v in (("step", step), ("loss", float(value)), ("map_loss", map_loss), ("cc", cc), ("mean_q", mq),
+                 ("bond_rmsd", bond), ("angle_rmsd", angle), ("map_weight", w),
+                 ("time", time.perf_counter() - t0)):
+        history[k].append(v)
+    bar.update(step, cc if static.loss != "q" else mq, bond, angle)
+
+
+def _make_optimiser(solver: str, learning_rate: float, tol: float):
+    """The optimiser, made once per refinement so that its jitted step compiles once."""
+    if solver == "lbfgs":
+        return _LBFGS(optax.lbfgs())
+    if solver == "adam":
+        return _Adam(optax.adam(learning_rate))
+    try:
+        import optimistix as optx
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(f"solver={solver!r} needs optimistix: pip install optimistix") from err
+    if solver == "optx-lbfgs":
+        return _Optx(optx.LBFGS(rtol=tol, atol=1e-12))
+    return _Optx(optx.BFGS(rtol=tol, atol=1e-12))
+
+
+class _Optx(eqx.Module):
+    solver: eqx.Module
+
+
+def _run_cycle(u, args, static, opt, n_steps, tol, history, step0, t0, bar):
+    """One macro-cycle: up to `n_steps` optimiser steps. Returns (u, steps, converged, finite)."""
+    if isinstance(opt, _Optx):
+        return _run_optx(u, args, static, opt, n_steps, history, step0, t0, bar)
+    state = opt.tx.init(u)
+    # the state after a step has strong dtypes where init's are weak: cast once, so that the
+    # step compiles once rather than twice
+    shapes = eqx.filter_eval_shape(_optax_step, u, state, args, static, opt)[1]
+    state = jax.tree_util.tree_map(lambda x, s: jnp.asarray(x, s.dtype), state, shapes)
+    step_fn = lambda u, state: _optax_step(u, state, args, static, opt)  # noqa: E731
+    quiet = 0
+    last = None
+    for k in range(n_steps):
+        new_u, new_state, value = step_fn(u, state)
+        value = float(value)
+        if not math.isfinite(value) or not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(new_u)):
+            return u, k, False, False
+        _record(history, step0 + k, u, value, args, static, t0, bar)
+        if last is not None and abs(last - value) <= tol * max(abs(value), 1e-30):
+            quiet += 1
+        else:
+            quiet = 0
+        last = value
+        u, state = new_u, new_state
+        if quiet >= 3:
+            return u, k + 1, True, True
+    return u, n_steps, False, True
+
+
+_objective_jit = eqx.filter_jit(_objective)
+
+
+def _optx_fn(static):
+    return lambda y, a: (_objective(y, a, static), None)
+
+
+@eqx.filter_jit
+def _optx_minimise(u, args, static, opt, max_steps: int):
+    import optimistix as optx
+
+    sol = optx.minimise(_optx_fn(static), opt.solver, u, args, has_aux=True, max_steps=max_steps, throw=False)
+    return sol.value, sol.stats["num_steps"], sol.result == optx.RESULTS.successful
+
+
+def _run_optx(u, args, static, opt, n_steps, history, step0, t0, bar):
+    """An optimistix minimisation of one macro-cycle, run to its own termination inside one jitted
+    call (its `rtol`/`atol` criteria); the history gets the start and the end of the cycle."""
+    dtype = args.positions.dtype
+    wide = jnp.result_type(float)  # optimistix's scalars follow the default float (float64 under x64)
+    _record(history, step0, u, float(_objective_jit(u, args, static)), args, static, t0, bar)
+    y, steps, ok = _optx_minimise({k: v.astype(wide) for k, v in u.items()}, args, static, opt, n_steps)
+    y = {k: v.astype(dtype) for k, v in y.items()}
+    steps = max(int(steps), 1)
+    value = float(_objective_jit(y, args, static))
+    if not math.isfinite(value):
+        return u, steps, False, False
+    _record(history, step0 + steps, y, value, args, static, t0, bar)
+    return y, steps, bool(ok), True
+
+
+class _Progress:
+    """A rich progress bar (step, CC or mean Q, bond and angle rmsd), or nothing."""
+
+    def __init__(self, enabled: bool, total: int):
+        self._p = None
+        if not enabled:
+            return
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:  # pragma: no cover - rich comes with typer
+            return
+        self._p = Progress(
+            TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), transient=False,
+        )
+        self._task = self._p.add_task("refine", total=total, info="")
+        self._p.start()
+
+    def update(self, step, score, bond, angle):
+        if self._p is not None:
+            self._p.update(self._task, completed=step + 1,
+                           info=f"CC/Q {score:.4f}  bonds {bond:.4f} Å  angles {angle:.2f}°")
+
+    def close(self):
+        if self._p is not None:
+            self._p.stop()

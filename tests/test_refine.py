@@ -1,0 +1,285 @@
+"""Refinement: the map terms, the splatted Fourier map, and synthetic recovery of coordinates, B,
+occupancy, per-atom resolution and rigid-body motion (small models, fast on CPU). The full 7CEC
+chain A cases of the issue are in `benchmarks/bench_refine.py`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("biotite")
+pytest.importorskip("jax_finufft")
+
+import modelmap as mm  # noqa: E402
+from modelmap import Atoms, Grid, IndependentAtomVolume, NufftRenderFn, ShellRenderFn  # noqa: E402
+from modelmap._peptide import ideal_peptide  # noqa: E402
+from modelmap.io import model_from_structure  # noqa: E402
+from modelmap.refine import build_restraints, cc_loss, least_squares_loss, masked_cc, refine  # noqa: E402
+from modelmap.refine._refine import _rotation  # noqa: E402
+from modelmap.render import SplatFourierRenderFn  # noqa: E402
+from modelmap.volumes import ShellDecompositionVolume  # noqa: E402
+
+
+def _helix(sequence="AAAAGAAAAAAAGAAA", b=30.0):
+    model = model_from_structure(ideal_peptide(sequence, b_factor=b))
+    # B varies smoothly along the chain and out to the side chains, as in real models
+    res = np.asarray(model.labels.residue_number, np.float64)
+    side = ~np.isin(np.asarray(model.labels.atom_name), ["N", "CA", "C", "O"])
+    bvals = np.asarray(model.atoms.b_factors) + 2.0 * res + 6.0 * side
+    return model.replace(atoms=Atoms(model.atoms.positions, model.atoms.atomic_numbers, bvals,
+                                     model.atoms.occupancies))
+
+
+def _target(model, resolution=3.0, voxel=1.0):
+    grid = Grid.around_positions(np.asarray(model.atoms.positions), voxel_size=voxel, padding=6.0)
+    vol = IndependentAtomVolume.from_atoms(model.atoms)
+    return grid, NufftRenderFn(grid, resolution)(vol)
+
+
+def _rmsd(a, b):
+    return float(np.sqrt(np.mean(np.sum((np.asarray(a) - np.asarray(b)) ** 2, -1))))
+
+
+# ---- map terms -----------------------------------------------------------------------------
+
+def test_least_squares_loss_is_the_fitted_residual():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(6, 7, 8))
+    m = 0.3 * t + rng.normal(scale=0.5, size=t.shape) + 2.0
+    where = rng.random(t.shape) > 0.3
+    # independent reference: numpy least squares for scale and offset over the mask
+    A = np.stack([m[where], np.ones(where.sum())], 1)
+    coef, res, *_ = np.linalg.lstsq(A, t[where], rcond=None)
+    expected = res[0] / np.sum((t[where] - t[where].mean()) ** 2)
+    got = float(least_squares_loss(jnp.asarray(m), jnp.asarray(t), jnp.asarray(where)))
+    assert got == pytest.approx(expected, rel=1e-10)
+    cc = np.corrcoef(m[where], t[where])[0, 1]
+    assert got == pytest.approx(1 - cc**2, rel=1e-10)
+    assert float(cc_loss(jnp.asarray(m), jnp.asarray(t), jnp.asarray(where))) == pytest.approx(1 - cc, rel=1e-10)
+    # the target's scale and offset do not matter
+    assert float(least_squares_loss(jnp.asarray(m), jnp.asarray(5 * t - 3), jnp.asarray(where))) == pytest.approx(got, rel=1e-9)
+    # a perfect fit up to scale and offset is 0
+    assert float(least_squares_loss(jnp.asarray(2 * t + 1), jnp.asarray(t))) == pytest.approx(0, abs=1e-20)
+    assert float(masked_cc(jnp.zeros_like(jnp.asarray(t)), jnp.asarray(t))) == 0.0
+
+
+def test_least_squares_gradient_matches_finite_differences():
+    rng = np.random.default_rng(1)
+    t = jnp.asarray(rng.normal(size=(5, 5, 5)))
+    m = jnp.asarray(rng.normal(size=(5, 5, 5)))
+    g = jax.grad(least_squares_loss)(m, t)
+    for idx in [(0, 0, 0), (2, 3, 1), (4, 4, 4)]:
+        e = jnp.zeros_like(m).at[idx].set(1e-6)
+        fd = (least_squares_loss(m + e, t) - least_squares_loss(m - e, t)) / 2e-6
+        assert float(g[idx]) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
+
+
+# ---- the splatted Fourier map ----------------------------------------------------------------
+
+@pytest.mark.parametrize("sampling", ["point", "average"])
+def test_splat_fourier_map_equals_the_nufft_fourier_map(sampling):
+    model = _helix()
+    grid = Grid.around_positions(np.asarray(model.atoms.positions), voxel_size=0.9, padding=5.0)
+    vol = IndependentAtomVolume.from_atoms(model.atoms)
+    ref = np.asarray(NufftRenderFn(grid, 3.0, sampling=sampling, eps=1e-8)(vol))
+    out = np.asarray(SplatFourierRenderFn(grid, 3.0, sampling=sampling)(vol))
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    # the X-ray table and a coarser resolution too
+    vol_x = IndependentAtomVolume.from_atoms(model.atoms, table="xray")
+    ref_x = np.asarray(NufftRenderFn(grid, 4.5, sampling=sampling, eps=1e-8)(vol_x))
+    out_x = np.asarray(SplatFourierRenderFn(grid, 4.5, sampling=sampling)(vol_x))
+    assert np.abs(out_x - ref_x).max() <= 1e-4 * np.abs(ref_x).max()
+
+
+def test_splat_fourier_gradients_match_the_nufft_route():
+    model = _helix("AAGAA")
+    grid = Grid.around_positions(np.asarray(model.atoms.positions), voxel_size=1.0, padding=5.0)
+    a = model.atoms
+    atoms = Atoms(jnp.asarray(a.positions, jnp.float64), a.atomic_numbers, jnp.asarray(a.b_factors, jnp.float64),
+                  jnp.asarray(a.occupancies, jnp.float64))
+    vol = IndependentAtomVolume.from_atoms(atoms)
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.normal(size=grid.shape))
+    nufft = NufftRenderFn(grid, 3.0, eps=1e-10).with_plan(vol, b_margin=5)
+    splat = SplatFourierRenderFn(grid, 3.0, eps=1e-7).with_plan(vol, b_margin=5)
+
+    def loss(rf, pos, b):
+        v = IndependentAtomVolume(pos, vol.weights, b, vol.atomic_numbers, vol.table)
+        return jnp.sum(w * rf(v))
+
+    g_ref = jax.grad(lambda p, b: loss(nufft, p, b), argnums=(0, 1))(vol.positions, vol.b_factors)
+    g = jax.grad(lambda p, b: loss(splat, p, b), argnums=(0, 1))(vol.positions, vol.b_factors)
+    for x, y in zip(g, g_ref):
+        assert np.abs(np.asarray(x) - np.asarray(y)).max() <= 1e-5 * np.abs(np.asarray(y)).max()
+
+
+def test_splat_fourier_refuses_nyquist_and_traced_planning():
+    grid = Grid((10, 10, 10), 1.0)
+    with pytest.raises(ValueError, match="Nyquist"):
+        SplatFourierRenderFn(grid, 2.0)
+    vol = IndependentAtomVolume.from_atoms(Atoms(jnp.ones((1, 3)) * 5, [6], [20.0]))
+    with pytest.raises(ValueError, match="with_plan"):
+        jax.jit(lambda v: SplatFourierRenderFn(grid, 3.0)(v))(vol)
+
+
+def test_rotation_is_rodrigues():
+    from scipy.spatial.transform import Rotation
+
+    v = np.array([[0.1, -0.2, 0.3], [0.0, 0.0, 0.0], [1e-9, 0, 0], [2.0, 1.0, -0.5]])
+    r = np.asarray(_rotation(jnp.asarray(v, jnp.float64)))
+    np.testing.assert_allclose(r, Rotation.from_rotvec(v).as_matrix(), atol=1e-12)
+
+
+# ---- synthetic recovery ----------------------------------------------------------------------
+
+def test_refine_recovers_coordinates_and_b_of_a_helix():
+    model = _helix()
+    grid, target = _target(model)
+    truth = model.atoms
+    rng = np.random.default_rng(3)
+    start = Atoms(np.asarray(truth.positions) + rng.normal(0, 0.3, truth.positions.shape), truth.atomic_numbers,
+                  np.clip(np.asarray(truth.b_factors) + rng.normal(0, 15, truth.n_atoms), 5, 300), truth.occupancies)
+    r = refine(model.replace(atoms=start), target, 3.0, grid=grid, refine=("xyz", "b"), max_steps=150,
+               progress=False)
+    assert r.result in ("converged", "max_steps")
+    assert _rmsd(start.positions, truth.positions) > 0.45
+    assert _rmsd(r.atoms.positions, truth.positions) <= 0.1
+    b, bt = np.asarray(r.atoms.b_factors), np.asarray(truth.b_factors)
+    assert np.corrcoef(b, bt)[0, 1] >= 0.98 and np.sqrt(np.mean((b - bt) ** 2)) <= 3.0
+    restraints = build_restraints(model)
+    assert float(restraints.bond_rmsd(r.atoms.positions)) <= 0.02
+    assert float(restraints.angle_rmsd(r.atoms.positions)) <= 2.5
+    h = r.history
+    assert h["cc"][-1] > h["cc"][0] and h["cc"][-1] > 0.999
+    assert h["bond_rmsd"][0] > 0.2 and h["bond_rmsd"][-1] <= 0.02
+    assert r.model is not None and r.model.n_atoms == model.n_atoms
+
+
+def test_refine_b_alone_unrestrained():
+    model = _helix()
+    grid, target = _target(model)
+    truth = model.atoms
+    rng = np.random.default_rng(4)
+    start = Atoms(truth.positions, truth.atomic_numbers,
+                  np.clip(np.asarray(truth.b_factors) + rng.normal(0, 15, truth.n_atoms), 5, 300), truth.occupancies)
+    r = refine(start, target, 3.0, grid=grid, refine=("b",), restraints=False, max_steps=60, progress=False)
+    b, bt = np.asarray(r.atoms.b_factors), np.asarray(truth.b_factors)
+    assert np.corrcoef(b, bt)[0, 1] >= 0.999 and np.sqrt(np.mean((b - bt) ** 2)) <= 1.0
+    np.testing.assert_array_equal(np.asarray(r.atoms.positions), np.asarray(truth.positions))
+
+
+def test_refine_occupancy():
+    model = _helix()
+    truth = model.atoms
+    half = np.zeros(truth.n_atoms, bool)
+    half[::5] = True  # every fifth atom at occupancy 0.5 in the target
+    occ_true = np.where(half, 0.5, 1.0)
+    grid, target = _target(model.replace(atoms=Atoms(truth.positions, truth.atomic_numbers, truth.b_factors, occ_true)))
+    r = refine(model, target, 3.0, grid=grid, refine=("occ",), max_steps=80, progress=False)
+    occ = np.asarray(r.atoms.occupancies)
+    assert np.all(np.abs(occ[half] - 0.5) <= 0.1)
+    assert np.all(np.abs(occ[~half] - 1.0) <= 0.1)
+
+
+@pytest.mark.slow
+def test_refine_per_atom_resolution_in_two_regions():
+    model = _helix("AAAAAAAAAAAAAAAA", b=20.0)
+    a = model.atoms
+    first = np.asarray(model.labels.residue_number) <= 8
+    d_true = np.where(first, 2.5, 5.0).astype(np.float32)
+    grid = Grid.around_positions(np.asarray(a.positions), voxel_size=1.0, padding=6.0)
+    target = ShellRenderFn(grid)(ShellDecompositionVolume.from_atoms(a, d_true))
+    r = refine(model, target, 3.5, grid=grid, refine=("res",), max_steps=60, progress=False)
+    err = np.abs(r.resolutions - d_true)
+    assert np.median(err[first]) <= 0.3 and np.median(err[~first]) <= 0.3
+
+
+def test_refine_rigid_body_per_chain():
+    model = _helix()
+    truth = np.asarray(model.atoms.positions, np.float64)
+    from scipy.spatial.transform import Rotation
+
+    c = truth.mean(0)
+    moved = Rotation.from_rotvec([0.0, 0.05, 0.03]).apply(truth - c) + c + np.array([0.8, -0.5, 0.4])
+    grid, target = _target(model)
+    a = model.atoms
+    start = model.replace(atoms=Atoms(moved, a.atomic_numbers, a.b_factors, a.occupancies))
+    r = refine(start, target, 3.0, grid=grid, refine=("rigid",), max_steps=40, progress=False)
+    assert _rmsd(moved, truth) > 1.0
+    assert _rmsd(r.atoms.positions, truth) <= 0.05
+    # a rigid motion keeps the geometry exactly
+    d0 = np.linalg.norm(truth[1:] - truth[:-1], axis=1)
+    d1 = np.linalg.norm(np.asarray(r.atoms.positions)[1:] - np.asarray(r.atoms.positions)[:-1], axis=1)
+    np.testing.assert_allclose(d1, d0, atol=1e-3)
+
+
+def test_refine_with_optimistix_bfgs_and_adam():
+    model = _helix("AAGAA")
+    grid, target = _target(model)
+    a = model.atoms
+    start = model.replace(atoms=Atoms(np.asarray(a.positions) + np.array([0.5, 0.0, -0.3]), a.atomic_numbers,
+                                      a.b_factors, a.occupancies))
+    r = refine(start, target, 3.0, grid=grid, refine=("rigid",), solver="bfgs", max_steps=30, progress=False)
+    assert _rmsd(r.atoms.positions, a.positions) <= 0.05
+    r = refine(start, target, 3.0, grid=grid, refine=("rigid",), solver="adam", learning_rate=0.05,
+               max_steps=150, progress=False)
+    assert _rmsd(r.atoms.positions, a.positions) <= 0.1
+
+
+def test_refine_checks_its_inputs():
+    model = _helix("AAGAA")
+    grid, target = _target(model)
+    with pytest.raises(ValueError, match="refine must name"):
+        refine(model, target, 3.0, grid=grid, refine=("coords",))
+    rng = np.random.default_rng(5)
+    lot = Atoms(np.asarray(model.atoms.positions).mean(0) + rng.normal(0, 3, (1100, 3)), 6, np.full(1100, 30.0))
+    with pytest.raises(ValueError, match="dense"):
+        refine(lot, target, 3.0, grid=grid, refine=("xyz",), solver="bfgs", restraints=False, progress=False)
+    with pytest.raises(ValueError, match="AtomicModel"):
+        refine(model.atoms, target, 3.0, grid=grid, refine=("xyz",))
+    with pytest.raises(ValueError, match="coordinates only"):
+        refine(model, target, 3.0, grid=grid, refine=("b",), loss="q")
+    with pytest.raises(ValueError, match="grid"):
+        refine(model, target, 3.0, refine=("b",))
+    with pytest.raises(ValueError, match="NaN"):
+        refine(model, target.at[0, 0, 0].set(jnp.nan), 3.0, grid=grid, refine=("b",))
+
+
+def test_refine_command_writes_the_model_and_reports(tmp_path):
+    from typer.testing import CliRunner
+
+    from modelmap.cli import app
+
+    model = _helix("AAGAAAGA")
+    grid, target = _target(model)
+    map_path = tmp_path / "target.mrc"
+    mm.write_map(map_path, mm.DensityMap(target.astype(jnp.float32), grid))
+    a = model.atoms
+    rng = np.random.default_rng(8)
+    start = model.replace(atoms=Atoms(np.asarray(a.positions) + rng.normal(0, 0.25, a.positions.shape),
+                                      a.atomic_numbers, a.b_factors, a.occupancies))
+    model_path = tmp_path / "start.pdb"
+    mm.write_model(model_path, start)
+    out = tmp_path / "refined.cif"
+    res = CliRunner().invoke(app, ["refine", str(map_path), str(model_path), "-d", "3", "-o", str(out),
+                                   "--refine", "xyz,b", "--steps", "60", "--json", str(tmp_path / "r.json"),
+                                   "--cxc", str(tmp_path / "r.cxc"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["after"]["cc_mask"] > report["before"]["cc_mask"]
+    assert report["after"]["q_mean"] > report["before"]["q_mean"]
+    assert report["after"]["bond_rmsd"] < report["before"]["bond_rmsd"]
+    refined = mm.read_model(out)
+    assert _rmsd(refined.atoms.positions, a.positions) < _rmsd(start.atoms.positions, a.positions) / 2
+    assert "CC_mask" in res.output and (tmp_path / "refined_shift.defattr").exists()
+    assert 'open "refined_shift.defattr"' in (tmp_path / "r.cxc").read_text()
+    # inputs are never overwritten; bad parameter names are an error
+    res = CliRunner().invoke(app, ["refine", str(map_path), str(model_path), "-d", "3", "-o", str(model_path)])
+    assert res.exit_code == 2 and "overwrite" in res.output
+    res = CliRunner().invoke(app, ["refine", str(map_path), str(model_path), "-d", "3", "-o", str(out),
+                                   "--refine", "xyz,coords"])
+    assert res.exit_code == 2 and "refine must name" in res.output
