@@ -6,7 +6,7 @@ Cases (issue 6):
    crop's grid; start = coordinates + N(0, 0.3 Å) per axis, B + N(0, 15²) clipped to [5, 300].
    Reports coordinate rmsd to the truth, B Pearson r and RMSE, bond and angle rmsd, time.
 2. `b`: the same target, B alone from the same noisy B, unrestrained.
-3. `occ`: every 5th atom at occupancy 0.5 in the target; occupancies refined from 1.
+3. `occ`: every 10th residue at occupancy 0.5 in the target; per-atom occupancies refined from 1.
 4. `res`: target by the shell renderer with residues 1-250 at 2.5 Å and the rest at 5 Å;
    per-atom resolution refined from a uniform 3.5 Å.
 5. `real`: xyz and B against the EMD-30342 crop at 3.9 Å: CC_mask, mean Q, bond/angle rmsd before
@@ -60,6 +60,25 @@ def _times(r):
             "steps": int(r.n_steps), "result": r.result}
 
 
+def _run(check, *args, **kwargs):
+    """`refine(*args, **kwargs)` twice (cold: compilation included; warm: the same start again,
+    compiled), each with the wall time and the time at which `check(atoms, resolutions)` first
+    held (the criteria met). Returns (result of the warm run, timings dict)."""
+    out = {}
+    for label in ("cold", "warm"):
+        t0 = time.perf_counter()
+        met = {}
+
+        def callback(step, atoms, res):
+            if "step" not in met and check(atoms, res):
+                met["step"], met["s"] = step, time.perf_counter() - t0
+
+        r = refine(*args, callback=callback, progress=False, **kwargs)
+        out[label] = {"wall_s": time.perf_counter() - t0, **_times(r),
+                      "criteria_met_step": met.get("step"), "criteria_met_s": met.get("s")}
+    return r, out
+
+
 def _noisy_start(atoms, seed=0):
     rng = np.random.default_rng(seed)
     pos = np.asarray(atoms.positions) + rng.normal(0, 0.3, atoms.positions.shape)
@@ -73,13 +92,19 @@ def case_xyz_b(model, density, steps):
     pos, b = _noisy_start(truth)
     start = model.replace(atoms=Atoms(pos, truth.atomic_numbers, b, truth.occupancies))
     restraints = build_restraints(model)
-    t = time.perf_counter()
-    r = refine(start, target, 3.0, grid=density.grid, refine=("xyz", "b"), restraints=restraints,
-               max_steps=steps, progress=False)
-    wall = time.perf_counter() - t
-    bb, bt = np.asarray(r.atoms.b_factors), np.asarray(truth.b_factors)
+    bt = np.asarray(truth.b_factors)
+
+    def check(atoms, _):
+        b_ = np.asarray(atoms.b_factors)
+        return (_rmsd(atoms.positions, truth.positions) <= 0.2 and np.corrcoef(b_, bt)[0, 1] >= 0.98
+                and np.sqrt(np.mean((b_ - bt) ** 2)) <= 3.0 and float(restraints.bond_rmsd(atoms.positions)) <= 0.02
+                and float(restraints.angle_rmsd(atoms.positions)) <= 2.5)
+
+    r, timing = _run(check, start, target, 3.0, grid=density.grid, refine=("xyz", "b"), restraints=restraints,
+                     max_steps=steps)
+    bb = np.asarray(r.atoms.b_factors)
     return {
-        "case": "xyz+b", "atoms": truth.n_atoms, "wall_s": wall, **_times(r),
+        "case": "xyz+b", "atoms": truth.n_atoms, **timing,
         "xyz_rmsd_start": _rmsd(pos, truth.positions), "xyz_rmsd": _rmsd(r.atoms.positions, truth.positions),
         "b_r": float(np.corrcoef(bb, bt)[0, 1]), "b_rmse": float(np.sqrt(np.mean((bb - bt) ** 2))),
         "b_rmse_start": float(np.sqrt(np.mean((b - bt) ** 2))),
@@ -94,30 +119,34 @@ def case_b(model, density, target, steps):
     truth = model.atoms
     _, b = _noisy_start(truth)
     start = Atoms(truth.positions, truth.atomic_numbers, b, truth.occupancies)
-    t = time.perf_counter()
-    r = refine(start, target, 3.0, grid=density.grid, refine=("b",), restraints=False, max_steps=steps,
-               progress=False)
-    wall = time.perf_counter() - t
-    bb, bt = np.asarray(r.atoms.b_factors), np.asarray(truth.b_factors)
-    # the first step at which r >= 0.99 and RMSE <= 2 would have been met is not in the history
-    # (it holds map terms only); report the end point
-    return {"case": "b", "atoms": truth.n_atoms, "wall_s": wall, **_times(r),
+    bt = np.asarray(truth.b_factors)
+
+    def check(atoms, _):
+        b_ = np.asarray(atoms.b_factors)
+        return np.corrcoef(b_, bt)[0, 1] >= 0.99 and np.sqrt(np.mean((b_ - bt) ** 2)) <= 2.0
+
+    r, timing = _run(check, start, target, 3.0, grid=density.grid, refine=("b",), restraints=False, max_steps=steps)
+    bb = np.asarray(r.atoms.b_factors)
+    return {"case": "b", "atoms": truth.n_atoms, **timing,
             "b_r": float(np.corrcoef(bb, bt)[0, 1]), "b_rmse": float(np.sqrt(np.mean((bb - bt) ** 2))),
             "b_rmse_start": float(np.sqrt(np.mean((b - bt) ** 2)))}
 
 
 def case_occ(model, density, steps):
     truth = model.atoms
-    half = np.zeros(truth.n_atoms, bool)
-    half[::5] = True
+    # whole residues (every 10th) at occupancy 0.5: a pattern a 3 Å map resolves (single atoms at
+    # B 72-312 Å² are not separable from their bonded neighbours at 3 Å)
+    half = np.asarray(model.labels.residue_number) % 10 == 0
     occ_true = np.where(half, 0.5, 1.0)
     target = NufftRenderFn(density.grid, 3.0)(IndependentAtomVolume.from_atoms(
         Atoms(truth.positions, truth.atomic_numbers, truth.b_factors, occ_true)))
-    t = time.perf_counter()
-    r = refine(model, target, 3.0, grid=density.grid, refine=("occ",), max_steps=steps, progress=False)
-    wall = time.perf_counter() - t
+    def check(atoms, _):
+        o = np.asarray(atoms.occupancies)
+        return bool(np.all(np.abs(o[half] - 0.5) <= 0.1))
+
+    r, timing = _run(check, model, target, 3.0, grid=density.grid, refine=("occ",), max_steps=steps)
     occ = np.asarray(r.atoms.occupancies)
-    return {"case": "occ", "atoms": truth.n_atoms, "wall_s": wall, **_times(r),
+    return {"case": "occ", "atoms": truth.n_atoms, **timing,
             "half_within_0.1": float(np.mean(np.abs(occ[half] - 0.5) <= 0.1)),
             "full_within_0.1": float(np.mean(np.abs(occ[~half] - 1.0) <= 0.1)),
             "half_median": float(np.median(occ[half])), "full_median": float(np.median(occ[~half]))}
@@ -128,11 +157,13 @@ def case_res(model, density, steps):
     first = np.asarray(model.labels.residue_number) <= 250
     d_true = np.where(first, 2.5, 5.0).astype(np.float32)
     target = ShellRenderFn(density.grid)(ShellDecompositionVolume.from_atoms(truth, d_true))
-    t = time.perf_counter()
-    r = refine(model, target, 3.5, grid=density.grid, refine=("res",), max_steps=steps, progress=False)
-    wall = time.perf_counter() - t
+    def check(_, res):
+        e = np.abs(res - d_true)
+        return np.median(e[first]) <= 0.3 and np.median(e[~first]) <= 0.3
+
+    r, timing = _run(check, model, target, 3.5, grid=density.grid, refine=("res",), max_steps=steps)
     err = np.abs(r.resolutions - d_true)
-    return {"case": "res", "atoms": truth.n_atoms, "wall_s": wall, **_times(r),
+    return {"case": "res", "atoms": truth.n_atoms, **timing,
             "median_err_2.5": float(np.median(err[first])), "median_err_5": float(np.median(err[~first])),
             "median_d_2.5": float(np.median(r.resolutions[first])), "median_d_5": float(np.median(r.resolutions[~first]))}
 
@@ -160,7 +191,7 @@ def case_servalcat(command, model, density, target):
         mm.write_model(tmp / "start.pdb", start)
         mm.write_map(tmp / "target.mrc", mm.DensityMap(np.asarray(target), density.grid))
         cmd = [command, "refine_spa_norefmac", "--model", "start.pdb", "--map", "target.mrc",
-               "--resolution", "3.0", "--fix_xyz", "--adp", "iso", "--ncycle", "10", "-o", "sv"]
+               "-d", "3.0", "--fix_xyz", "--adp", "iso", "--unrestrained", "--ncycle", "10", "-o", "sv"]
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         wall = time.perf_counter() - t
@@ -199,7 +230,7 @@ def main():
     if args.servalcat:
         rows.append(case_servalcat(args.servalcat, model, density, target))
     if "occ" in cases:
-        rows.append(case_occ(model, density, 60))
+        rows.append(case_occ(model, density, 200))
     if "res" in cases:
         rows.append(case_res(model, density, 30))
     if "real" in cases:

@@ -164,8 +164,13 @@ def test_refine_b_alone_unrestrained():
     rng = np.random.default_rng(4)
     start = Atoms(truth.positions, truth.atomic_numbers,
                   np.clip(np.asarray(truth.b_factors) + rng.normal(0, 15, truth.n_atoms), 5, 300), truth.occupancies)
-    r = refine(start, target, 3.0, grid=grid, refine=("b",), restraints=False, max_steps=60, progress=False)
+    seen = []
+    r = refine(start, target, 3.0, grid=grid, refine=("b",), restraints=False, max_steps=60, progress=False,
+               callback=lambda step, atoms, res: seen.append((step, np.asarray(atoms.b_factors), res)))
     b, bt = np.asarray(r.atoms.b_factors), np.asarray(truth.b_factors)
+    # the callback sees the model at every recorded step, starting from the start
+    assert [s for s, _, _ in seen] == list(r.history["step"]) and seen[0][2] is None
+    np.testing.assert_allclose(seen[0][1], np.asarray(start.b_factors), rtol=1e-6)
     assert np.corrcoef(b, bt)[0, 1] >= 0.999 and np.sqrt(np.mean((b - bt) ** 2)) <= 1.0
     np.testing.assert_array_equal(np.asarray(r.atoms.positions), np.asarray(truth.positions))
 

@@ -20,13 +20,17 @@ have their own resolution.
 *Acta Cryst.* D67, 2011; "wxc"), w is set so that the gradients of the two terms have equal norms:
 w = `weight_scale` · |∇E_geom| / |∇(n L_map)| over the refined parameters, at the start of every
 macro-cycle (after which the L-BFGS memory restarts and the neighbour list is rebuilt). If a
-macro-cycle ends with a bond rmsd above `max_bond_rmsd`, the next cycle's w is at most half of it,
-as Phenix's weight search does when geometry degrades. A number given as `map_weight` is used as is.
+macro-cycle ends with a bond rmsd above `max_bond_rmsd` or an angle rmsd above `max_angle_rmsd`, the
+next cycle's w is at most a third of it (and up to two shorter cycles are added at the end until the
+geometry holds), as Phenix's weight search lowers the data weight when geometry degrades. A number
+given as `map_weight` is used as is.
 
 **Parameters** are scaled to comparable units before the optimiser sees them: 1 Å for
 coordinates and rigid-body translations, 1 Å at the chain's radius of gyration for rotations,
-10 Å² for B, 0.1 for occupancies and 0.3 Å for resolutions. B, occupancy and resolution are
-clipped into their bounds (`b_bounds`, [0, 1], `d_bounds`) where the atoms are built, and their
+10 Å² for B, 0.1 for occupancies and 0.3 Å for resolutions (per-atom for coordinates, B and
+occupancy: see `_units`). B and resolution are clipped into their bounds (`b_bounds` and
+`d_bounds`, within `b_margin`/`d_margin` of the start) where the atoms are built, with a quadratic
+penalty outside that brings them back; occupancies are only penalized outside [0, 1]. Their
 restraints (B similarity along bonds, occupancy bounds and alternate conformers summing to 1,
 resolution bounds) are part of E_geom.
 """
@@ -34,9 +38,10 @@ resolution bounds) are part of E_geom.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import equinox as eqx
 import jax
@@ -123,7 +128,8 @@ class _Args(eqx.Module):
     """The arrays of the objective (traced: changing them does not recompile)."""
 
     positions: Float[Array, "n 3"]
-    atomic_numbers: Array
+    atomic_numbers: Array  # what the renderer indexes its table with (Z, or the shell table's index)
+    z: Array  # atomic numbers Z
     b_factors: Float[Array, " n"]
     occupancies: Float[Array, " n"]
     resolutions: Float[Array, " n"] | None
@@ -132,6 +138,7 @@ class _Args(eqx.Module):
     radii: Float[Array, " g"]
     unit_xyz: Float[Array, " n"]
     unit_b: Float[Array, " n"]
+    unit_occ: Float[Array, " n"]
     d_lo: Float[Array, " n"] | None
     d_hi: Float[Array, " n"] | None
     b_lo: Float[Array, " n"]
@@ -177,7 +184,9 @@ def _build(u: dict, args: _Args, static: _Static):
     if "b" in u:
         b = jnp.clip(b + u["b"] * args.unit_b, args.b_lo, args.b_hi)
     if "occ" in u:
-        occ = jnp.clip(occ + u["occ"] * _UNITS["occ"], 0.0, 1.0)
+        # not clipped: most occupancies sit at their bound 1, where a clip's kink stalls L-BFGS; the
+        # bound penalty and the occupancy restraints keep them within [0, 1] instead
+        occ = occ + u["occ"] * args.unit_occ
     if "res" in u:
         res = jnp.clip(res + u["res"] * _UNITS["res"], args.d_lo, args.d_hi)
     return pos, b, occ, res
@@ -232,8 +241,8 @@ def _bound_penalty(u, args: _Args, static: _Static):
         raw = args.b_factors + u["b"] * args.unit_b
         total = total + jnp.sum(((raw - jnp.clip(raw, args.b_lo, args.b_hi)) / args.unit_b) ** 2)
     if "occ" in u:
-        raw = args.occupancies + u["occ"] * _UNITS["occ"]
-        total = total + jnp.sum(((raw - jnp.clip(raw, 0.0, 1.0)) / _UNITS["occ"]) ** 2)
+        raw = args.occupancies + u["occ"] * args.unit_occ
+        total = total + jnp.sum(((raw - jnp.clip(raw, 0.0, 1.0)) / args.unit_occ) ** 2)
     if "res" in u:
         raw = args.resolutions + u["res"] * _UNITS["res"]
         total = total + jnp.sum(((raw - jnp.clip(raw, args.d_lo, args.d_hi)) / _UNITS["res"]) ** 2)
@@ -344,6 +353,7 @@ def refine(
     map_weight: float | Literal["auto"] = "auto",
     weight_scale: float = 1.0,
     max_bond_rmsd: float = 0.02,
+    max_angle_rmsd: float = 2.5,
     learning_rate: float = 0.05,
     b_bounds: tuple[float, float] = (1.0, 500.0),
     b_margin: float = 60.0,
@@ -354,6 +364,7 @@ def refine(
     n_terms: int | None = None,
     q_sigma: float = 0.6,
     progress: bool = True,
+    callback: Callable[[int, Atoms, np.ndarray | None], None] | None = None,
 ) -> RefineResult:
     """Refine a model against a map by gradient descent under geometry restraints (module docs).
 
@@ -380,7 +391,9 @@ def refine(
     - `tol`: stop a macro-cycle when the objective changes by less than `tol` × |objective| over a
       step (three steps in a row).
     - `map_weight`: `"auto"` or a fixed w; `weight_scale` multiplies the automatic w.
-    - `max_bond_rmsd`: Å; above it the next macro-cycle at most halves w (auto weight only).
+    - `max_bond_rmsd`, `max_angle_rmsd`: Å and degrees; when a macro-cycle ends above either, the
+      next one runs with at most a third of w, and up to two extra cycles (half as long) are added
+      at the end until both hold (auto weight only).
     - `b_bounds`, `d_bounds`: bounds of B (Å²) and per-atom resolution (Å).
     - `b_margin`: Å²; each atom's B stays within this of its start (the map's windows are planned
       for it; run again from the result to go further).
@@ -389,6 +402,8 @@ def refine(
     - `n_terms`: shell terms K of the shell model map (default of `ShellDecompositionVolume`).
     - `q_sigma`: σ (Å) of the Q loss.
     - `progress`: a progress bar on the terminal.
+    - `callback`: called as `callback(step, atoms, resolutions)` with the model at every recorded
+      step (numpy-backed `Atoms`; per-atom resolutions or `None`), e.g. to track an error.
 
     **Returns:** a `RefineResult`.
     """
@@ -457,7 +472,7 @@ def refine(
     # each atom's B stays within b_margin of its start (the render windows are planned for that)
     b_lo = jnp.maximum(b0 - b_margin, max(b_bounds[0], 0.0))
     b_hi = jnp.minimum(b0 + b_margin, b_bounds[1])
-    unit_xyz, unit_b = _units(np.asarray(b0, np.float64), float(resolution), dtype)
+    unit_xyz, unit_b, unit_occ = _units(np.asarray(b0, np.float64), float(resolution), dtype)
 
     # ---- mask, rigid groups, probes ----------------------------------------------------------
     if mask is None:
@@ -483,9 +498,9 @@ def refine(
         q_sigma=float(q_sigma),
     )
     args = _Args(
-        positions=pos0, atomic_numbers=z_arg, b_factors=b0, occupancies=occ0, resolutions=res0,
+        positions=pos0, atomic_numbers=z_arg, z=jnp.asarray(atoms.atomic_numbers), b_factors=b0, occupancies=occ0, resolutions=res0,
         groups=jnp.asarray(groups), centres=jnp.asarray(centres, dtype), radii=jnp.asarray(radii, dtype),
-        unit_xyz=unit_xyz, unit_b=unit_b, d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi, target=data, mask=jnp.asarray(mask), restraints=restraints, weight=jnp.ones((), dtype),
+        unit_xyz=unit_xyz, unit_b=unit_b, unit_occ=unit_occ, d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi, target=data, mask=jnp.asarray(mask), restraints=restraints, weight=jnp.ones((), dtype),
         probes=probes, grid=grid, table=table_arg,
     )
     u = {}
@@ -517,7 +532,10 @@ def refine(
     bar = _Progress(progress, max_steps)
     opt = _make_optimiser(solver, learning_rate, tol)
     try:
-        for cycle, n_cycle in enumerate(steps_per_cycle):
+        cycles = list(steps_per_cycle)
+        loose = False  # the geometry is outside max_bond_rmsd / max_angle_rmsd after a cycle
+        cycle = 0
+        while cycle < len(cycles):
             if cycle > 0 and restraints is not None:
                 pos_now = np.asarray(_build(u, args, static)[0])
                 args = eqx.tree_at(lambda a: a.restraints, args,
@@ -525,19 +543,28 @@ def refine(
             if map_weight == "auto":
                 gm, gg = (float(x) for x in _gradient_norms(u, args, static))
                 w_new = weight_scale * gg / gm if gm > 0 and gg > 0 else 1.0
-                if weight is not None and history["bond_rmsd"] and history["bond_rmsd"][-1] > max_bond_rmsd:
-                    w_new = min(w_new, 0.5 * weight)
+                if weight is not None and loose:
+                    w_new = min(w_new, weight / 3)
                 weight = w_new
             args = eqx.tree_at(lambda a: a.weight, args, jnp.asarray(weight, dtype))
             u, steps_done, converged, finite = _run_cycle(
-                u, args, static, opt, n_cycle, tol, history, step, t0, bar
+                u, args, static, opt, cycles[cycle], tol, history, step, t0, bar, callback
             )
             step += steps_done
             if not finite:
                 result = "nonfinite"
                 break
-            if converged and cycle == len(steps_per_cycle) - 1:
+            if static.restrain_xyz and args.restraints is not None:
+                _, bond, angle = (float(x) for x in _metrics(u, args, static))
+                loose = bond > max_bond_rmsd or angle > max_angle_rmsd
+            last = cycle == len(cycles) - 1
+            if last and loose and map_weight == "auto" and len(cycles) - len(steps_per_cycle) < 2:
+                cycles.append(max(cycles[-1] // 2, 10))  # up to two more cycles to tighten the geometry
+                bar.extend(cycles[-1])
+                last = False
+            if converged and last:
                 result = "converged"
+            cycle += 1
     finally:
         bar.close()
     pos, b, occ, res = (None if x is None else np.asarray(x) for x in _build(u, args, static))
@@ -551,19 +578,20 @@ def refine(
 
 
 def _units(b0: np.ndarray, resolution: float, dtype):
-    """Per-atom units of coordinates and B: a diagonal preconditioner.
+    """Per-atom units of coordinates, B and occupancy: a diagonal preconditioner.
 
     For a Gaussian atom of total width β (Å²), the map's curvature in the atom's position scales as
-    β^(-5/2) and in its B as β^(-7/2) (∫(∂ρ/∂x)² and ∫(∂ρ/∂B)²); with β = B + 4 D² (the resolution
-    as a Gaussian blur), units proportional to β^(5/4) and β^(7/4) make both curvatures alike for
-    sharp and blurred atoms. Normalized to 1 Å and 10 Å² at the median atom; factors kept in
-    [0.1, 10].
+    β^(-5/2), in its B as β^(-7/2) and in its occupancy as β^(-3/2) (∫(∂ρ/∂x)², ∫(∂ρ/∂B)², ∫ρ²);
+    with β = B + 4 D² (the resolution as a Gaussian blur), units proportional to β^(5/4), β^(7/4)
+    and β^(3/4) make the curvatures alike for sharp and blurred atoms. Normalized to 1 Å, 10 Å² and
+    0.1 at the median atom; factors kept in [0.1, 10].
     """
     beta = np.maximum(b0, 0.0) + 4.0 * resolution**2
     rel = beta / np.median(beta)
     ux = _UNITS["xyz"] * np.clip(rel**1.25, 0.1, 10.0)
     ub = _UNITS["b"] * np.clip(rel**1.75, 0.1, 10.0)
-    return jnp.asarray(ux, dtype), jnp.asarray(ub, dtype)
+    uo = _UNITS["occ"] * np.clip(rel**0.75, 0.1, 10.0)
+    return jnp.asarray(ux, dtype), jnp.asarray(ub, dtype), jnp.asarray(uo, dtype)
 
 
 def _rebuild_neighbours(restraints: Restraints, positions: np.ndarray, capacity: int) -> Restraints:
@@ -573,7 +601,10 @@ def _rebuild_neighbours(restraints: Restraints, positions: np.ndarray, capacity:
         return restraints.with_nonbonded(positions)
 
 
-def _record(history, step, u, value, args, static, t0, bar):
+_build_jit = eqx.filter_jit(_build)
+
+
+def _record(history, step, u, value, args, static, t0, bar, callback=None):
     e_geom, bond, angle = (float(x) for x in _metrics(u, args, static))
     w = float(args.weight)
     map_loss = (float(value) - e_geom) / (w * static.n_atoms)
@@ -588,10 +619,15 @@ def _record(history, step, u, value, args, static, t0, bar):
                  ("time", time.perf_counter() - t0)):
         history[k].append(v)
     bar.update(step, cc if static.loss != "q" else mq, bond, angle)
+    if callback is not None:
+        pos, b, occ, res = (None if x is None else np.asarray(x) for x in _build_jit(u, args, static))
+        callback(step, Atoms(pos, args.z, b, occ), res)
 
 
+@functools.lru_cache(maxsize=16)
 def _make_optimiser(solver: str, learning_rate: float, tol: float):
-    """The optimiser, made once per refinement so that its jitted step compiles once."""
+    """The optimiser, one object per setting, so that jitted steps compile once per shape and are
+    reused by later refinements in the same process."""
     if solver == "lbfgs":
         return _LBFGS(optax.lbfgs())
     if solver == "adam":
@@ -609,10 +645,10 @@ class _Optx(eqx.Module):
     solver: eqx.Module
 
 
-def _run_cycle(u, args, static, opt, n_steps, tol, history, step0, t0, bar):
+def _run_cycle(u, args, static, opt, n_steps, tol, history, step0, t0, bar, callback=None):
     """One macro-cycle: up to `n_steps` optimiser steps. Returns (u, steps, converged, finite)."""
     if isinstance(opt, _Optx):
-        return _run_optx(u, args, static, opt, n_steps, history, step0, t0, bar)
+        return _run_optx(u, args, static, opt, n_steps, history, step0, t0, bar, callback)
     state = opt.tx.init(u)
     # the state after a step has strong dtypes where init's are weak: cast once, so that the
     # step compiles once rather than twice
@@ -626,7 +662,7 @@ def _run_cycle(u, args, static, opt, n_steps, tol, history, step0, t0, bar):
         value = float(value)
         if not math.isfinite(value) or not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(new_u)):
             return u, k, False, False
-        _record(history, step0 + k, u, value, args, static, t0, bar)
+        _record(history, step0 + k, u, value, args, static, t0, bar, callback)
         if last is not None and abs(last - value) <= tol * max(abs(value), 1e-30):
             quiet += 1
         else:
@@ -653,19 +689,19 @@ def _optx_minimise(u, args, static, opt, max_steps: int):
     return sol.value, sol.stats["num_steps"], sol.result == optx.RESULTS.successful
 
 
-def _run_optx(u, args, static, opt, n_steps, history, step0, t0, bar):
+def _run_optx(u, args, static, opt, n_steps, history, step0, t0, bar, callback=None):
     """An optimistix minimisation of one macro-cycle, run to its own termination inside one jitted
     call (its `rtol`/`atol` criteria); the history gets the start and the end of the cycle."""
     dtype = args.positions.dtype
     wide = jnp.result_type(float)  # optimistix's scalars follow the default float (float64 under x64)
-    _record(history, step0, u, float(_objective_jit(u, args, static)), args, static, t0, bar)
+    _record(history, step0, u, float(_objective_jit(u, args, static)), args, static, t0, bar, callback)
     y, steps, ok = _optx_minimise({k: v.astype(wide) for k, v in u.items()}, args, static, opt, n_steps)
     y = {k: v.astype(dtype) for k, v in y.items()}
     steps = max(int(steps), 1)
     value = float(_objective_jit(y, args, static))
     if not math.isfinite(value):
         return u, steps, False, False
-    _record(history, step0 + steps, y, value, args, static, t0, bar)
+    _record(history, step0 + steps, y, value, args, static, t0, bar, callback)
     return y, steps, bool(ok), True
 
 
@@ -691,6 +727,10 @@ class _Progress:
         if self._p is not None:
             self._p.update(self._task, completed=step + 1,
                            info=f"CC/Q {score:.4f}  bonds {bond:.4f} Å  angles {angle:.2f}°")
+
+    def extend(self, n):
+        if self._p is not None:
+            self._p.update(self._task, total=self._p.tasks[0].total + n)
 
     def close(self):
         if self._p is not None:
