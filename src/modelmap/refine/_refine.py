@@ -487,7 +487,10 @@ def refine(
     centres = np.stack([p[groups == g].mean(0) for g in range(n_groups)])
     radii = np.array([max(math.sqrt(np.mean(np.sum((p[groups == g] - centres[g]) ** 2, -1))), 1.0)
                       for g in range(n_groups)])
-    probes = select_probes(np.asarray(pos0), atoms.atomic_numbers) if loss == "q" else None
+    probes = None
+    if loss == "q":  # MapQ's probes: rejected near any non-hydrogen atom
+        heavy = np.asarray(atoms.atomic_numbers) != 1
+        probes = select_probes(np.asarray(pos0), np.asarray(pos0)[heavy])
 
     static = _Static(
         render_fn=render_fn, loss=loss, n_atoms=n, d_bounds=d_bounds,
