@@ -45,12 +45,17 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _default_output(model: Path) -> Path:
+def model_stem(model: Path) -> str:
+    """A model file's name without its .gz and model suffixes."""
     name = model.name
     for suffix in (".gz", ".cif", ".mmcif", ".pdb", ".ent"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
-    return model.with_name(name + "_model_map.mrc")
+    return name
+
+
+def _default_output(model: Path) -> Path:
+    return model.with_name(model_stem(model) + "_model_map.mrc")
 
 
 def render_to_files(

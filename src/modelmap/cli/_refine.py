@@ -26,14 +26,6 @@ def before_after(density, model, resolution: float, restraints) -> dict:
     }
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".gz", ".cif", ".mmcif", ".pdb", ".ent"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-    return name
-
-
 def refine_to_files(
     map_path: Path,
     model_path: Path,
@@ -63,6 +55,7 @@ def refine_to_files(
     from .. import io
     from ..io._atomic_write import atomic_path
     from ..refine import build_restraints, refine
+    from ._app import model_stem
 
     inputs = (map_path, model_path)
     for out in (output, json_out, cxc_out):
@@ -80,7 +73,7 @@ def refine_to_files(
     after = before_after(density, refined, resolution, restraints)
     written = {"model": str(io.write_model(output, refined))}
     shift = np.linalg.norm(np.asarray(refined.atoms.positions) - np.asarray(model.atoms.positions), axis=-1)
-    stem = _stem(output)
+    stem = model_stem(output)
     shift_path = output.with_name(stem + "_shift.defattr")
     io.write_attribute_file(shift_path, refined.labels, shift, "shift")
     written["shift_attributes"] = str(shift_path)

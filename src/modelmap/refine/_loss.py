@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from .._grid import Grid
-from ..scores import QProbes, q_score_differentiable
+from ..scores import QProbes, pearson, q_score_differentiable
 
 __all__ = ["least_squares_loss", "cc_loss", "q_loss", "masked_cc"]
 
@@ -28,11 +28,8 @@ def masked_cc(
     model_map: Float[Array, "nz ny nx"], target: Float[Array, "nz ny nx"], where: Bool[Array, "nz ny nx"] | None = None
 ) -> Float[Array, ""]:
     """Pearson's correlation of the two maps over `where` (all voxels by default); 0 when either
-    map is constant there."""
-    dm, dt = _moments(model_map, target, where)
-    smm, stt, smt = jnp.sum(dm * dm), jnp.sum(dt * dt), jnp.sum(dm * dt)
-    denom = jnp.sqrt(smm * stt)
-    return jnp.where(denom > 0, smt / jnp.where(denom > 0, denom, 1.0), 0.0)
+    map is constant there (`modelmap.scores.pearson`)."""
+    return pearson(model_map, target, where)
 
 
 def least_squares_loss(

@@ -115,7 +115,6 @@ class _Static(eqx.Module):
     render_fn: eqx.Module
     loss: str = eqx.field(static=True)
     n_atoms: int = eqx.field(static=True)
-    d_bounds: tuple[float, float] = eqx.field(static=True)
     use_geometry: bool = eqx.field(static=True)
     restrain_xyz: bool = eqx.field(static=True)
     restrain_b: bool = eqx.field(static=True)
@@ -439,9 +438,9 @@ def refine(
         raise ValueError(f"the restraints are for {restraints.n_atoms} atoms, the model has {n}")
     capacity = None
     if restraints is not None:
-        restraints = restraints.with_nonbonded(np.asarray(pos0))
-        capacity = int(1.5 * restraints.nonbonded_index.shape[0]) + 64
-        restraints = restraints.with_nonbonded(np.asarray(pos0), capacity=capacity)
+        # room for 50 % more contacts, so rebuilding the list later does not recompile
+        restraints = restraints.with_nonbonded(np.asarray(pos0), headroom=1.5)
+        capacity = int(restraints.nonbonded_index.shape[0])
 
     # ---- the model map -----------------------------------------------------------------------
     per_atom = "res" in refine or resolutions is not None
@@ -493,7 +492,7 @@ def refine(
         probes = select_probes(np.asarray(pos0), np.asarray(pos0)[heavy])
 
     static = _Static(
-        render_fn=render_fn, loss=loss, n_atoms=n, d_bounds=d_bounds,
+        render_fn=render_fn, loss=loss, n_atoms=n,
         use_geometry=restraints is not None and bool(set(refine) & {"xyz", "b", "occ", "res"}),
         # a rigid motion leaves the geometry as it is: restraints act on xyz, B, occupancy, resolution
         restrain_xyz="xyz" in refine,

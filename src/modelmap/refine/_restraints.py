@@ -708,17 +708,22 @@ class Restraints(eqx.Module):
 
     # ---- neighbour list -------------------------------------------------------------------
 
-    def with_nonbonded(self, positions, *, capacity: int | None = None) -> "Restraints":
+    def with_nonbonded(
+        self, positions, *, capacity: int | None = None, headroom: float | None = None
+    ) -> "Restraints":
         """A copy with the non-bonded pair list rebuilt around `positions` (concrete, `(n, 3)` Å).
 
         Pairs closer than the largest contact distance plus `nonbonded_buffer` are kept. With
         `capacity`, the list is padded (r0 = 0: no contribution) to that many pairs so that a jitted
-        function does not retrace; a ValueError says when more pairs were found.
+        function does not retrace; a ValueError says when more pairs were found. With `headroom`
+        (and no `capacity`) the capacity is `headroom` × the pairs found, plus 64.
         """
         index, r0 = _nonbonded_pairs(
             np.asarray(positions, np.float64), np.asarray(self.vdw_radius, np.float64),
             np.asarray(self.altloc_code), np.asarray(self.bond_index), self.nonbonded_buffer,
         )
+        if capacity is None and headroom is not None:
+            capacity = int(headroom * len(r0)) + 64
         if capacity is not None:
             if len(r0) > capacity:
                 raise ValueError(

@@ -187,13 +187,10 @@ def _transfer(rf: SplatFourierRenderFn) -> np.ndarray:
     s2 = sz[:, None, None] ** 2 + sy[None, :, None] ** 2 + sx[None, None, :] ** 2
     keep = s2 <= (1.0 / rf.resolution**2) * (1 + 1e-12)
     # as NufftRenderFn: modes |m| <= (N - 1) // 2, so a Nyquist plane is never half-counted
-    for axis, n in enumerate((Nz, Ny, Nx)):
-        m = np.abs(np.fft.fftfreq(n, 1.0 / n)).round().astype(int)
-        if axis == 2:
-            m = np.arange(Nx // 2 + 1)
-        shape = [1, 1, 1]
-        shape[axis] = -1
-        keep = keep & (m <= (n - 1) // 2).reshape(shape)
+    mz, my = np.abs(np.fft.fftfreq(Nz, 1.0 / Nz)), np.abs(np.fft.fftfreq(Ny, 1.0 / Ny))
+    mx = np.arange(Nx // 2 + 1)
+    keep &= ((mz <= (Nz - 1) // 2)[:, None, None] & (my <= (Ny - 1) // 2)[None, :, None]
+             & (mx <= (Nx - 1) // 2)[None, None, :])
     h = np.where(keep, np.exp(rf.extra_b * s2 / 4.0), 0.0)
     if rf.sampling == "average":
         h = h * (np.sinc(sz * vz)[:, None, None] * np.sinc(sy * vy)[None, :, None] * np.sinc(sx * vx)[None, None, :])
