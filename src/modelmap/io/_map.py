@@ -24,7 +24,7 @@ import mrcfile
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._errors import MapAxisOrderError, MapFileError
+from .._errors import MapAxisOrderError, MapFileError, ModelmapError
 from .._grid import Grid
 from ._atomic_write import atomic_path
 
@@ -44,6 +44,49 @@ class DensityMap:
 
 
 _MODES_OK = (0, 1, 2, 6, 12)
+
+
+def map_array(
+    density, grid: Grid | None = None, *, what: str = "map", dtype=np.float64, need_grid: bool = True
+) -> tuple[np.ndarray, Grid | None]:
+    """`(data, grid)` of a map given as a `DensityMap`, a `(data, grid)` pair, or an array with `grid`.
+
+    The one place where every function that takes a map checks it: a `(nz, ny, nx)` array of the
+    grid's shape with finite values.
+
+    **Arguments:**
+
+    - `density`: a `DensityMap`, a `(data, Grid)` tuple, or an array `(nz, ny, nx)`.
+    - `grid`: the grid of a bare array (ignored for the other two forms).
+    - `what`: the map's name in error messages ("the target map", "map1", ...).
+    - `dtype`: the returned array's dtype.
+    - `need_grid`: whether a bare array without `grid` is an error (else the grid returned is `None`).
+
+    **Returns:** `(data, grid)`.
+
+    Raises `ModelmapError` naming the map for a wrong shape, a missing grid or NaN/infinite values.
+    """
+    own_grid = True  # the grid came with the data (else: the grid of a bare array, given apart)
+    if isinstance(density, DensityMap):
+        data, grid = density.data, density.grid
+    elif isinstance(density, tuple) and len(density) == 2 and isinstance(density[1], Grid):
+        data, grid = density
+    else:
+        data, own_grid = density, False
+    data = np.asarray(data, dtype)
+    if data.ndim != 3:
+        raise ModelmapError(f"{what} must be a (nz, ny, nx) map, got an array of shape {data.shape}")
+    if grid is None:
+        if need_grid:
+            raise ModelmapError(f"{what} is a bare array: pass a DensityMap (read_map) or give its grid")
+    elif data.shape != tuple(grid.shape):
+        if own_grid:
+            raise ModelmapError(f"{what}: the data {data.shape} does not match its grid {tuple(grid.shape)}")
+        raise ModelmapError(f"{what} {data.shape} is not on the same grid as {tuple(grid.shape)}")
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise ModelmapError(f"{what} has {int(bad.sum())} NaN or infinite value(s)")
+    return data, grid
 
 
 def read_map(path: str | os.PathLike, *, dtype=jnp.float32) -> DensityMap:
@@ -167,17 +210,7 @@ def write_map(
     gemmi, cctbx and mrcfile users), else into the ORIGIN field.
     """
     path = Path(path)
-    if isinstance(density, DensityMap):
-        data, grid = density.data, density.grid
-    else:
-        if grid is None:
-            raise ValueError("write_map needs a grid with a plain array")
-        data = density
-    data = np.asarray(data, dtype=np.float32)
-    if data.shape != tuple(grid.shape):
-        raise ValueError(f"map data {data.shape} does not match grid {grid.shape}")
-    if not np.all(np.isfinite(data)):
-        raise ValueError(f"refusing to write {path}: the map has NaN or infinite values")
+    data, grid = map_array(density, grid, what=f"the map to write to {path}", dtype=np.float32)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     voxel = np.asarray(grid.voxel_size)

@@ -53,6 +53,7 @@ from jaxtyping import Array, Float
 from .._atoms import Atoms, validate_atoms
 from .._grid import Grid
 from ..io import AtomicModel, DensityMap
+from ..io._map import map_array
 from ..render import ShellRenderFn, SplatFourierRenderFn
 from ..scores import atom_neighbourhood_mask, select_probes
 from ..shells import D_RANGE
@@ -306,18 +307,8 @@ def _as_inputs(model, target, grid):
     else:
         raise TypeError(f"model must be an AtomicModel or Atoms, got {type(model).__name__}")
     validate_atoms(atoms, "the model to refine")
-    if isinstance(target, DensityMap):
-        data, grid = target.data, target.grid
-    else:
-        if grid is None:
-            raise ValueError("give the target's grid (grid=...) or a DensityMap")
-        data = target
-    data = jnp.asarray(data, jnp.float32)
-    if data.shape != tuple(grid.shape):
-        raise ValueError(f"the map is {data.shape} but its grid is {grid.shape}")
-    if not bool(jnp.all(jnp.isfinite(data))):
-        raise ValueError("the target map has NaN or infinite values")
-    return atoms, labels, data, grid
+    data, grid = map_array(target, grid, what="the target map", dtype=np.float32)
+    return atoms, labels, jnp.asarray(data), grid
 
 
 def _rigid_groups(labels, n: int, groups):

@@ -5,21 +5,16 @@ from __future__ import annotations
 from typing import Literal
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
-from ._base import AbstractRenderFn
+from ._base import AbstractRenderFn, is_traced
 from ._windows import WindowPlan, splat_windows
 
 __all__ = ["GaussianMixtureRenderFn"]
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 class GaussianMixtureRenderFn(AbstractRenderFn):
@@ -67,7 +62,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
 
     def with_plan(self, volume: GaussianMixtureVolume, b_margin: float = 0.0) -> "GaussianMixtureRenderFn":
         """A copy with windows planned for `volume` (concrete), allowing B to grow by `b_margin` Å²."""
-        if not (_is_concrete(volume.variances) and _is_concrete(volume.positions)):
+        if is_traced(volume.variances, volume.positions):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad")
         self.grid.check_fits_in_memory(itemsize=np.dtype(volume.amplitudes.dtype).itemsize)
         if np.any(np.asarray(volume.variances) <= 0):
@@ -88,15 +83,9 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
 
     def __call__(self, volume: GaussianMixtureVolume) -> Float[Array, "nz ny nx"]:
         """The map `(nz, ny, nx)` in the units of the amplitudes per Å³."""
-        render_fn = self
-        if self.plan is None:
-            if not (_is_concrete(volume.variances) and _is_concrete(volume.positions)):
-                raise ValueError(
-                    "GaussianMixtureRenderFn sizes its windows from the volume's variances, which are "
-                    "traced here (inside jit/grad/vmap); build the render function outside with "
-                    "`render_fn = render_fn.with_plan(volume, b_margin=...)`"
-                )
-            render_fn = self.with_plan(volume)
+        render_fn = self._plan_at_call(
+            volume, self.plan is not None, "its windows", volume.variances, volume.positions
+        )
         plan = render_fn.plan
         if plan.n_sources != volume.positions.shape[0]:
             raise ValueError(

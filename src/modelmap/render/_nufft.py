@@ -39,7 +39,6 @@ import math
 from typing import Literal
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -181,15 +180,9 @@ class NufftRenderFn(AbstractRenderFn):
 
     def __call__(self, volume: IndependentAtomVolume) -> Float[Array, "nz ny nx"]:
         """The Fourier map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
-        render_fn = self
-        if self.beta_range is None:
-            if isinstance(volume.b_factors, jax.core.Tracer) or isinstance(volume.positions, jax.core.Tracer):
-                raise ValueError(
-                    "NufftRenderFn sizes its B interpolation from the volume's B, which are traced "
-                    "here (inside jit/grad/vmap); build it outside with "
-                    "`render_fn = render_fn.with_plan(volume, b_margin=...)`"
-                )
-            render_fn = self.with_plan(volume)
+        render_fn = self._plan_at_call(
+            volume, self.beta_range is not None, "its B interpolation", volume.b_factors, volume.positions
+        )
         return _render_nufft(render_fn, volume)
 
 

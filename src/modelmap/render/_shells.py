@@ -15,7 +15,7 @@ from jaxtyping import Array, Float
 from .._grid import Grid
 from ..shells import D_RANGE
 from ..volumes._shell_decomposition import ShellDecompositionVolume
-from ._base import AbstractRenderFn
+from ._base import AbstractRenderFn, is_traced
 from ._windows import WindowPlan, splat_kernel
 
 __all__ = ["ShellRenderFn", "omega", "shell_reach"]
@@ -172,7 +172,7 @@ class ShellRenderFn(AbstractRenderFn):
     ) -> "ShellRenderFn":
         """A copy with windows planned for `volume` (concrete), allowing B to grow by `b_margin` Å²
         and D by `d_margin` Å."""
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(volume)):
+        if is_traced(volume):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad")
         self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)
         _check_concrete(volume)
@@ -198,15 +198,7 @@ class ShellRenderFn(AbstractRenderFn):
 
     def __call__(self, volume: ShellDecompositionVolume) -> Float[Array, "nz ny nx"]:
         """The map `(nz, ny, nx)`: Å⁻² for the electron table, e/Å³ for X-ray."""
-        render_fn = self
-        if self.plan is None:
-            if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(volume)):
-                raise ValueError(
-                    "ShellRenderFn sizes its windows from the volume's resolutions and B, which are traced "
-                    "here (inside jit/grad/vmap); build the render function outside with "
-                    "`render_fn = render_fn.with_plan(volume, b_margin=..., d_margin=...)`"
-                )
-            render_fn = self.with_plan(volume)
+        render_fn = self._plan_at_call(volume, self.plan is not None, "its windows", volume)
         plan = render_fn.plan
         if plan.n_sources != volume.positions.shape[0]:
             raise ValueError(

@@ -55,6 +55,7 @@ from .._atoms import Atoms, validate_atoms
 from .._errors import ModelmapError
 from .._grid import Grid
 from ..io import AtomicModel, DensityMap
+from ..io._map import map_array
 from ..scattering import atomic_image
 from ._mask import model_mask, neighbourhood_indices
 
@@ -285,16 +286,8 @@ def _check_resolution(resolution) -> float:
     return d
 
 
-def _map_data(map, what: str = "map") -> tuple[np.ndarray, Grid]:
-    if not isinstance(map, DensityMap):
-        raise TypeError(
-            f"{what} must be a DensityMap (data + grid), e.g. from read_map; got {type(map).__name__}"
-        )
-    data = np.asarray(map.data, np.float64)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise ModelmapError(f"the {what} has {int(bad.sum())} NaN or infinite value(s)")
-    return data, map.grid
+def _map_data(map) -> tuple[np.ndarray, Grid]:
+    return map_array(map, what="the map")
 
 
 def _atoms_of(model) -> tuple[Atoms, object]:
@@ -326,21 +319,9 @@ def _model_map(model_map, atoms, grid, resolution, table) -> np.ndarray:
             render_model(atoms, grid, resolution, method="fourier", sampling="point", table=table),
             np.float64,
         )
-    if isinstance(model_map, DensityMap):
-        if not _same_grid(model_map.grid, grid):
-            raise ModelmapError(
-                f"the model map's grid {model_map.grid} does not match the map's grid {grid}"
-            )
-        data = np.asarray(model_map.data, np.float64)
-    else:
-        data = np.asarray(model_map, np.float64)
-        if data.shape != tuple(grid.shape):
-            raise ModelmapError(
-                f"the model map {data.shape} and the map {tuple(grid.shape)} are not on the same grid"
-            )
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise ModelmapError(f"the model map has {int(bad.sum())} NaN or infinite value(s)")
+    if isinstance(model_map, DensityMap) and not _same_grid(model_map.grid, grid):
+        raise ModelmapError(f"the model map's grid {model_map.grid} does not match the map's grid {grid}")
+    data, _ = map_array(model_map, grid, what="the model map")
     return data
 
 

@@ -33,6 +33,7 @@ from jaxtyping import ArrayLike, Float
 from .._errors import ModelmapError
 from .._grid import Grid
 from ..io import DensityMap
+from ..io._map import map_array
 
 __all__ = ["fsc", "fsc_resolution", "shell_indices"]
 
@@ -71,15 +72,6 @@ def shell_indices(grid: Grid) -> tuple[np.ndarray, np.ndarray, float]:
     return k, np.broadcast_to(weight, k.shape), ds
 
 
-def _data_and_grid(m, grid: Grid | None, what: str) -> tuple[np.ndarray, Grid | None]:
-    if isinstance(m, DensityMap):
-        return np.asarray(m.data, np.float64), m.grid
-    data = np.asarray(m, np.float64)
-    if data.ndim != 3:
-        raise ValueError(f"{what} must be a (nz, ny, nx) map, got shape {data.shape}")
-    return data, grid
-
-
 def fsc(
     map1: DensityMap | Float[ArrayLike, "nz ny nx"],
     map2: DensityMap | Float[ArrayLike, "nz ny nx"],
@@ -102,19 +94,12 @@ def fsc(
 
     Raises `ModelmapError` for maps on different grids, NaN values, or an all-zero mask.
     """
-    a, g1 = _data_and_grid(map1, grid, "map1")
-    b, g2 = _data_and_grid(map2, grid, "map2")
-    if g1 is None or g2 is None:
-        raise ValueError("fsc needs the maps' grid: pass DensityMaps or grid=")
+    a, g1 = map_array(map1, grid, what="map1")
+    b, g2 = map_array(map2, grid, what="map2")
     if not _same_grid(g1, g2):
         raise ModelmapError(f"the maps are not on the same grid: {g1} vs {g2}; resample one first")
     if grid is not None and not _same_grid(grid, g1):
         raise ModelmapError(f"grid {grid} does not match the maps' grid {g1}")
-    if a.shape != tuple(g1.shape) or b.shape != tuple(g1.shape):
-        raise ModelmapError(f"map shapes {a.shape} and {b.shape} do not match the grid {g1.shape}")
-    for x, name in ((a, "map1"), (b, "map2")):
-        if not np.all(np.isfinite(x)):
-            raise ModelmapError(f"{name} has NaN or infinite values")
     if mask is not None:
         w = np.asarray(mask, np.float64)
         if w.shape != a.shape:

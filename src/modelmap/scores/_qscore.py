@@ -48,7 +48,7 @@ from .._atoms import AtomLabels, Atoms
 from .._errors import InvalidAtomsError, ModelmapError
 from .._grid import Grid
 from .._interpolate import interpolate_map
-from ..io._map import DensityMap
+from ..io._map import DensityMap, map_array
 
 __all__ = [
     "spiral_points",
@@ -729,17 +729,7 @@ def q_score(
 
 
 def _map_parts(density_map) -> tuple[np.ndarray, Grid]:
-    if hasattr(density_map, "data") and hasattr(density_map, "grid"):
-        data, grid = density_map.data, density_map.grid
-    elif isinstance(density_map, tuple) and len(density_map) == 2:
-        data, grid = density_map
-    else:
-        raise TypeError("pass the map as a DensityMap (modelmap.read_map) or a (data, grid) pair")
-    data = np.asarray(data)
-    if tuple(data.shape) != tuple(grid.shape):
-        raise ValueError(f"map data {data.shape} does not match its grid {grid.shape}")
-    if not np.all(np.isfinite(data)):
-        raise ValueError("the map has NaN or infinite values")
+    data, grid = map_array(density_map, what="the map", dtype=None)
     return data, grid
 
 
