@@ -90,7 +90,7 @@ def _profile(r, radii, widths, amps):
 
 
 class ShellProfileKernel(eqx.Module):
-    """Fast window values of `Σ_m C_m Ω(|d|; R_m, B_m)`, for the forward map in float32.
+    """Fast window values of `Σ_m C_m Ω(|d|; R_m, B_m)` and their VJP, for float32 maps.
 
     Each source's radial profile ρ and its derivative are evaluated exactly at `n_nodes` equally
     spaced radii from 0 to `r_max` (`tables`, once per chunk of sources), and every voxel of its
@@ -98,7 +98,10 @@ class ShellProfileKernel(eqx.Module):
     square root, four table look-ups and a few multiply-adds per voxel instead of `2K - 1`
     exponentials. The interpolation error is at most `h⁴ max|ρ⁽⁴⁾|/384` for node spacing h: about
     1e-6 of the peak or less when h is at most a tenth of the narrowest term's σ
-    (`ShellRenderFn.with_plan` picks `n_nodes` so). Used through `splat_kernel(forward_kernel=...)`.
+    (`ShellRenderFn.with_plan` picks `n_nodes` so). Used through `splat_kernel(forward_kernel=...)`;
+    gradients differentiate the interpolated map itself (`cotangents`: a radial histogram of the
+    cotangent window per source, pulled back through `tables`), so they are exact for the map that
+    was rendered and cost a few forward passes instead of the exact terms' VJP.
 
     **Arguments:**
 
@@ -129,6 +132,41 @@ class ShellProfileKernel(eqx.Module):
         c3 = 2 * (f0 - f1) + d0 + d1
         return ((c3 * s + c2) * s + d0) * s + f0
 
+    def cotangents(self, dx, dy, dz, f, df, g):
+        """The VJP of `values` for one source: `((ct_f, ct_df), ∂/∂(dx, dy, dz))` from the cotangent
+        window `g` `(wz, wy, wx)`.
+
+        The interpolant is linear in the table, `v = h00 f_i + h10 df_i + h01 f_{i+1} + h11 df_{i+1}`
+        (the cubic Hermite basis in s), so the table cotangents are `g`-weighted histograms of the
+        voxels' basis values over their nodes; the offsets enter through `r = |d|` only, so their
+        gradient is `Σ g (dv/dr) d / r` (0 at r = 0, where the profile is flat).
+        """
+        n = self.n_nodes
+        inv_h = (n - 1) / self.r_max
+        r2 = dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2
+        positive = r2 > 0
+        r = jnp.sqrt(jnp.where(positive, r2, 1.0))
+        u = jnp.where(positive, r, 0.0) * inv_h
+        i = jnp.clip(jnp.floor(u).astype(jnp.int32), 0, n - 2)
+        s = jnp.clip(u - i, 0.0, 1.0)
+        s2 = s * s
+        s3 = s2 * s
+        basis = jnp.stack([2 * s3 - 3 * s2 + 1, s3 - 2 * s2 + s, 3 * s2 - 2 * s3, s3 - s2], axis=-1)
+        hist = jax.ops.segment_sum((g[..., None] * basis).reshape(-1, 4), i.ravel(), n)
+        ct_f = hist[:, 0].at[1:].add(hist[:-1, 2])
+        ct_df = hist[:, 1].at[1:].add(hist[:-1, 3])
+        f0, f1, d0, d1 = f[i], f[i + 1], df[i], df[i + 1]
+        c2 = 3 * (f1 - f0) - 2 * d0 - d1
+        c3 = 2 * (f0 - f1) + d0 + d1
+        dv_dr = ((3 * c3 * s + 2 * c2) * s + d0) * inv_h
+        w = jnp.where(positive, g * dv_dr / r, 0.0)
+        grad = jnp.stack([
+            jnp.sum(jnp.sum(w, axis=(0, 1)) * dx),
+            jnp.sum(jnp.sum(w, axis=(0, 2)) * dy),
+            jnp.sum(jnp.sum(w, axis=(1, 2)) * dz),
+        ])
+        return (ct_f, ct_df), grad
+
 
 class ShellRenderFn(AbstractRenderFn):
     """Render a `ShellDecompositionVolume` onto a grid: the atoms' images at their own resolutions,
@@ -138,7 +176,8 @@ class ShellRenderFn(AbstractRenderFn):
     `max_m (R_m + n_sigma σ_m)` around it (spec §8; ≈ 3.5 D + 3σ for K = 6), so every kept term is
     evaluated completely and the map is smooth in positions, B, occupancies and resolutions. Atoms are
     bucketed by window size and processed `chunk_size` at a time (`modelmap.render._windows`);
-    gradients come from a VJP that recomputes each chunk's windows.
+    gradients come from a VJP that recomputes each chunk's windows (through the profile tables in
+    float32).
 
     Window sizes are planned from concrete values. Calling the function on a concrete volume plans
     on the fly; under `jax.jit` / `jax.grad` build the plan first with
@@ -152,9 +191,9 @@ class ShellRenderFn(AbstractRenderFn):
       radius (3 by default, as the spec).
     - `chunk_size`: atoms per scan step.
     - `plan`: a `WindowPlan`, or `None` to plan at call time from a concrete volume.
-    - `profile_nodes`: nodes of each atom's radial profile table for the fast float32 forward map
-      (`ShellProfileKernel`), set by `with_plan`; `None` evaluates every term at every voxel. Float64
-      maps and all gradients always use the exact terms.
+    - `profile_nodes`: nodes of each atom's radial profile table for the fast float32 map and its
+      gradients (`ShellProfileKernel`), set by `with_plan`; `None` evaluates every term at every
+      voxel. Float64 maps always use the exact terms.
     """
 
     grid: Grid = eqx.field(static=True)
@@ -187,10 +226,14 @@ class ShellRenderFn(AbstractRenderFn):
         plan = WindowPlan.from_radii(
             self.grid, volume.positions, reach, n_sigma=self.n_sigma, chunk_size=self.chunk_size, granularity=None
         )
-        # profile tables: node spacing <= a tenth of the narrowest term's σ (B may also drop by b_margin,
-        # to at most half), from r = 0 to the corner of the widest window
+        # profile tables: node spacing <= a tenth of the narrowest term's σ (D may drop by d_margin,
+        # B by b_margin, to at most half), from r = 0 to the corner of the widest window
         _, widths, _ = volume.shell_parameters()
         widths = np.asarray(widths, np.float64)
+        if d_margin:
+            sharper = eqx.tree_at(lambda v: v.resolutions, volume,
+                                  jnp.maximum(volume.resolutions - d_margin, D_RANGE[0]))
+            widths = np.minimum(widths, np.asarray(sharper.shell_parameters()[1], np.float64))
         narrowest = np.min(np.maximum(widths - b_margin, 0.5 * widths))
         sigma = math.sqrt(narrowest / (2 * _FOUR_PI2))
         nodes = max(16, int(math.ceil(_NODES_PER_SIGMA * _window_corner(self.grid, plan) / sigma)) + 1)

@@ -230,7 +230,9 @@ def _bucket_splatter(
     fast approximation of `kernel`): `forward_kernel.tables(*S_chunk)` gives per-source arrays
     `(c, ...)` once per chunk, and `forward_kernel.values(dx, dy, dz, *tables_i)` one source's window
     `(wz, wy, wx)` from its offsets `(wx,)`, `(wy,)`, `(wz,)` and its rows of the tables, evaluated
-    where the window is added to the map. The VJP always differentiates `kernel`.
+    where the window is added to the map. The VJP differentiates `kernel`, unless `forward_kernel`
+    also has `cotangents(dx, dy, dz, *tables_i, g_window) -> (table cotangents, (3,) offset
+    gradient)`: then the map's own (forward-kernel) values are differentiated through their tables.
     """
     hx, hy, hz = half
     widths = (2 * hx + 1, 2 * hy + 1, 2 * hz + 1)  # x, y, z
@@ -291,12 +293,29 @@ def _bucket_splatter(
     def splat_bwd(res, g):
         P, mask, S = res
 
+        def gather(start):
+            return jax.vmap(lambda st: lax.dynamic_slice(g, (st[0], st[1], st[2]), (wz, wy, wx)))(start)
+
         def chunk_grad(_, args):
             p, mk, *s = args
             (start, _), pull = jax.vjp(lambda p_, *s_: window_values(p_, mk, *s_), p, *s)
-            gw = jax.vmap(lambda st: lax.dynamic_slice(g, (st[0], st[1], st[2]), (wz, wy, wx)))(start)
             zero_start = np.zeros(start.shape, jax.dtypes.float0)
-            return None, pull((zero_start, gw.astype(p.dtype)))
+            return None, pull((zero_start, gather(start).astype(p.dtype)))
+
+        def chunk_grad_tables(_, args):
+            # the VJP of the forward kernel's own (table) values: the cotangent windows are reduced
+            # to per-source table cotangents and position gradients, then pulled back through
+            # `tables`, so no per-voxel work is differentiated
+            p, mk, *s = args
+            start, offsets, live = window_geometry(p, mk)
+            tables, pull = jax.vjp(forward_kernel.tables, *s)
+            gw = jnp.where(live[:, None, None, None], gather(start).astype(p.dtype), 0)
+            ct_tables, g_offsets = jax.vmap(forward_kernel.cotangents)(*offsets, *tables, gw)
+            # offsets are (voxel − position): d offset / d position = −1 along each axis
+            return None, (-g_offsets, *pull(tuple(ct_tables)))
+
+        if forward_kernel is not None and hasattr(forward_kernel, "cotangents"):
+            chunk_grad = chunk_grad_tables  # noqa: F811
 
         _, grads = lax.scan(chunk_grad, None, (P, mask, *S))
         g_mask = np.zeros(mask.shape, jax.dtypes.float0)
