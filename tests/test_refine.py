@@ -188,6 +188,39 @@ def test_refine_occupancy():
     assert np.all(np.abs(occ[~half] - 1.0) <= 0.1)
 
 
+def test_refine_occupancy_per_residue():
+    model = _helix()
+    truth = model.atoms
+    res = np.asarray(model.labels.residue_number)
+    half = np.isin(res, [3, 7, 12])  # whole residues at occupancy 0.5 in the target
+    occ_true = np.where(half, 0.5, 1.0)
+    grid, target = _target(model.replace(atoms=Atoms(truth.positions, truth.atomic_numbers, truth.b_factors, occ_true)))
+    # the starting occupancies differ within residues: each residue's atoms get one shared shift
+    start = np.where(np.arange(truth.n_atoms) % 3 == 0, 0.95, 1.0)
+    r = refine(model.replace(atoms=Atoms(truth.positions, truth.atomic_numbers, truth.b_factors, start)), target,
+               3.0, grid=grid, refine=("occ",), occupancy_groups="residue", max_steps=30, progress=False)
+    occ = np.asarray(r.atoms.occupancies)
+    shift = occ - start
+    for k in np.unique(res):  # (up to the final clip into [0, 1])
+        assert np.ptp(shift[res == k]) <= 1e-4
+    # the residues' mean occupancies are recovered, up to the 0.05 spread of the start
+    means = np.array([occ[res == k].mean() for k in np.unique(res)])
+    truth_means = np.array([occ_true[res == k].mean() for k in np.unique(res)])
+    assert np.all(np.abs(means - truth_means) <= 0.05)
+    assert np.all((occ >= 0.0) & (occ <= 1.0))
+
+
+def test_refine_occupancy_groups_check_their_inputs():
+    model = _helix("AAGAA")
+    grid, target = _target(model)
+    with pytest.raises(ValueError, match="needs an AtomicModel"):
+        refine(model.atoms, target, 3.0, grid=grid, refine=("occ",), restraints=False, occupancy_groups="residue")
+    with pytest.raises(ValueError, match="one entry per atom"):
+        refine(model, target, 3.0, grid=grid, refine=("occ",), occupancy_groups=np.zeros(3, int))
+    with pytest.raises(ValueError, match="occupancy_groups must be"):
+        refine(model, target, 3.0, grid=grid, refine=("occ",), occupancy_groups="chain")
+
+
 @pytest.mark.slow
 def test_refine_per_atom_resolution_in_two_regions():
     model = _helix("AAAAAAAAAAAAAAAA", b=20.0)
@@ -199,6 +232,26 @@ def test_refine_per_atom_resolution_in_two_regions():
     r = refine(model, target, 3.5, grid=grid, refine=("res",), max_steps=60, progress=False)
     err = np.abs(r.resolutions - d_true)
     assert np.median(err[first]) <= 0.3 and np.median(err[~first]) <= 0.3
+
+
+def test_refine_resolution_per_residue():
+    model = _helix("AAAAAAAAAA", b=20.0)
+    a = model.atoms
+    res = np.asarray(model.labels.residue_number)
+    first = res <= 5
+    d_true = np.where(first, 2.5, 5.0).astype(np.float32)
+    grid = Grid.around_positions(np.asarray(a.positions), voxel_size=1.0, padding=6.0)
+    target = ShellRenderFn(grid)(ShellDecompositionVolume.from_atoms(a, d_true))
+    starts = []
+    r = refine(model, target, 3.5, grid=grid, refine=("res",), resolution_groups="residue", resolutions="scan",
+               max_steps=8, progress=False, callback=lambda step, atoms, d: starts.append(d))
+    for k in np.unique(res):  # one resolution per residue, from the scan on
+        assert np.ptp(starts[0][res == k]) <= 1e-6 and np.ptp(r.resolutions[res == k]) <= 1e-4
+    # the scan starts each residue near its resolution (a uniform 3.5 Å is 1 and 1.5 Å off), refinement
+    # brings it closer
+    err0, err = np.abs(starts[0] - d_true), np.abs(r.resolutions - d_true)
+    assert np.max(err0) <= 0.75
+    assert np.max(err) <= 0.05 and np.mean(err) < np.mean(err0)
 
 
 def test_refine_rigid_body_per_chain():

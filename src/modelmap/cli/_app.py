@@ -335,6 +335,11 @@ class Loss(str, enum.Enum):
     q = "q"
 
 
+class Groups(str, enum.Enum):
+    atom = "atom"
+    residue = "residue"
+
+
 @app.command()
 def refine(
     map: Annotated[Path, typer.Argument(help="Experimental map (MRC/CCP4, optionally .gz).")],
@@ -348,6 +353,12 @@ def refine(
     solver: Annotated[Solver, typer.Option("--solver", help="lbfgs, adam (optax); optx-lbfgs, bfgs (optimistix; bfgs for <= 3000 parameters).")] = Solver.lbfgs,
     loss: Annotated[Loss, typer.Option("--loss", help="ls: least squares with fitted scale and offset; cc: 1 - CC; q: 1 - mean Q (xyz only).")] = Loss.ls,
     weight: Annotated[str, typer.Option("--weight", help="Map weight: auto (gradient norms, as phenix.refine) or a number.")] = "auto",
+    occ_groups: Annotated[Groups, typer.Option("--occ-groups", help="With occ: one occupancy per atom, or per residue "
+                                               "(and alternate conformer), as phenix.refine's occupancy groups.")] = Groups.atom,
+    res_groups: Annotated[Groups, typer.Option("--res-groups", help="With res: one resolution per atom, or per residue "
+                                               "(and alternate conformer).")] = Groups.atom,
+    res_scan: Annotated[bool, typer.Option("--res-scan/--no-res-scan", help="With res: start each residue at the uniform "
+                                           "resolution (RES ± 2 Å) that fits it best, instead of at RES.")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the before/after report and the per-step history as JSON.")] = None,
     cxc_out: Annotated[Optional[Path], typer.Option("--cxc", help="Write a ChimeraX script: map, refined model coloured by shift, start model in gray.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
@@ -367,7 +378,10 @@ def refine(
     try:
         r = refine_to_files(map, model, resolution, output, parameters=names, max_steps=steps,
                             macro_cycles=macro_cycles, solver=solver.value, loss=loss.value,
-                            map_weight=map_weight, json_out=json_out, cxc_out=cxc_out, progress=progress)
+                            map_weight=map_weight, occupancy_groups=occ_groups.value,
+                            resolution_groups=res_groups.value,
+                            resolutions="scan" if res_scan and "res" in names else None, json_out=json_out,
+                            cxc_out=cxc_out, progress=progress)
     except (ModelmapError, FileExistsError, ValueError, ImportError, TypeError) as err:
         _fail(str(err))
     b, a = r["before"], r["after"]

@@ -38,6 +38,9 @@ def refine_to_files(
     solver: str = "lbfgs",
     loss: str = "ls",
     map_weight: float | str = "auto",
+    occupancy_groups: str = "atom",
+    resolution_groups: str = "atom",
+    resolutions: str | None = None,
     json_out: Path | None = None,
     cxc_out: Path | None = None,
     progress: bool = True,
@@ -68,7 +71,9 @@ def refine_to_files(
     restraints = build_restraints(model)
     before = before_after(density, model, resolution, restraints)
     result = refine(model, density, resolution, refine=parameters, restraints=restraints, max_steps=max_steps,
-                    macro_cycles=macro_cycles, solver=solver, loss=loss, map_weight=map_weight, progress=progress)
+                    macro_cycles=macro_cycles, solver=solver, loss=loss, map_weight=map_weight,
+                    occupancy_groups=occupancy_groups,
+                    resolution_groups=resolution_groups, resolutions=resolutions, progress=progress)
     refined = result.model
     after = before_after(density, refined, resolution, restraints)
     written = {"model": str(io.write_model(output, refined))}
@@ -84,7 +89,8 @@ def refine_to_files(
     h = result.history
     summary = {
         "map": str(map_path), "model": str(model_path), "resolution": resolution,
-        "parameters": list(parameters), "solver": solver, "loss": loss,
+        "parameters": list(parameters), "solver": solver, "loss": loss, "occupancy_groups": occupancy_groups,
+        "resolution_groups": resolution_groups, "resolution_start": resolutions or "uniform",
         "result": result.result, "n_steps": result.n_steps, "map_weight": result.map_weight,
         "time": float(h["time"][-1]) if len(h["time"]) else 0.0,
         "before": before, "after": after,

@@ -28,11 +28,17 @@ given as `map_weight` is used as is.
 **Parameters** are scaled to comparable units before the optimiser sees them: 1 Å for
 coordinates and rigid-body translations, 1 Å at the chain's radius of gyration for rotations,
 10 Å² for B, 0.1 for occupancies and 0.3 Å for resolutions (per-atom for coordinates, B and
-occupancy: see `_units`). B and resolution are clipped into their bounds (`b_bounds` and
-`d_bounds`, within `b_margin`/`d_margin` of the start) where the atoms are built, with a quadratic
-penalty outside that brings them back; occupancies are only penalized outside [0, 1]. Their
-restraints (B similarity along bonds, occupancy bounds and alternate conformers summing to 1,
-resolution bounds) are part of E_geom.
+occupancy: see `_units`). Occupancies and resolutions are refined per atom, or per group
+(`occupancy_groups`, `resolution_groups`; as phenix.refine refines whole residues or alternate
+conformers): one shift per group, added to the starting value of each of its atoms, in a unit that
+gives every group the map curvature of a median atom (`_group_units`); at 3 Å and B ~100 Å² bonded
+atoms' occupancies (or resolutions) are nearly indistinguishable in the map, and a group's are well
+determined. B and resolution are clipped into
+their bounds (`b_bounds` and `d_bounds`, within `b_margin`/`d_margin` of the start) where the atoms
+are built, with a quadratic penalty outside that brings them back; occupancies are not clipped but
+penalized outside [0, 1], by a penalty matched to the map term's stiffness (`_bound_penalty`), and
+returned clipped into [0, 1]. Their restraints (B similarity along bonds, alternate conformers
+summing to 1, resolution bounds) are part of E_geom.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from ..shells import D_RANGE
 from ..volumes import IndependentAtomVolume, ShellDecompositionVolume
 from ._loss import least_squares_loss, cc_loss, q_loss
 from ._restraints import Restraints, build_restraints
+from ._scan import best_per_group, local_cc_per_group, scan_candidates, voxel_groups
 
 __all__ = ["PARAMETERS", "RefineResult", "refine"]
 
@@ -82,7 +89,7 @@ class RefineResult:
     - `history`: per step, numpy arrays `step`, `loss` (the objective), `map_loss`, `cc` (the map
       CC over the refinement mask: for the least-squares and CC losses), `mean_q` (for the Q loss),
       `bond_rmsd` (Å), `angle_rmsd` (°), `map_weight`, `time` (s since the start).
-    - `result`: `"converged"` (relative change of the objective below `tol`), `"max_steps"` or
+    - `result`: `"converged"` (relative decrease of the objective below `tol`), `"max_steps"` or
       `"nonfinite"` (stopped at the last finite point).
     - `n_steps`: optimiser steps taken.
     - `map_weight`: the weight w of the last macro-cycle.
@@ -138,7 +145,11 @@ class _Args(eqx.Module):
     radii: Float[Array, " g"]
     unit_xyz: Float[Array, " n"]
     unit_b: Float[Array, " n"]
-    unit_occ: Float[Array, " n"]
+    unit_occ: Float[Array, " n"]  # per atom: the bound penalty's unit
+    occ_groups: Array  # (n,) occupancy parameter of each atom (arange(n) for per-atom occupancies)
+    unit_occ_group: Float[Array, " q"]  # the unit of each occupancy parameter
+    res_groups: Array  # (n,) resolution parameter of each atom
+    unit_res_group: Float[Array, " r"]  # the unit (Å) of each resolution parameter
     d_lo: Float[Array, " n"] | None
     d_hi: Float[Array, " n"] | None
     b_lo: Float[Array, " n"]
@@ -185,10 +196,10 @@ def _build(u: dict, args: _Args, static: _Static):
         b = jnp.clip(b + u["b"] * args.unit_b, args.b_lo, args.b_hi)
     if "occ" in u:
         # not clipped: most occupancies sit at their bound 1, where a clip's kink stalls L-BFGS; the
-        # bound penalty and the occupancy restraints keep them within [0, 1] instead
-        occ = occ + u["occ"] * args.unit_occ
+        # bound penalty keeps them within [0, 1] instead. One parameter per occupancy group.
+        occ = occ + (u["occ"] * args.unit_occ_group)[args.occ_groups]
     if "res" in u:
-        res = jnp.clip(res + u["res"] * _UNITS["res"], args.d_lo, args.d_hi)
+        res = jnp.clip(res + (u["res"] * args.unit_res_group)[args.res_groups], args.d_lo, args.d_hi)
     return pos, b, occ, res
 
 
@@ -221,7 +232,9 @@ def _geometry(u, args: _Args, static: _Static):
     terms = r.energy_terms(
         pos,
         b if static.restrain_b else None,
-        occ if static.restrain_occ else None,
+        # clipped: the bounds [0, 1] are `_bound_penalty`'s (scaled to the map term); the restraint's
+        # own bound term (σ 0.01) would be a wall ~10⁴ times stiffer than the map's curvature
+        jnp.clip(occ, 0.0, 1.0) if static.restrain_occ else None,
         res if static.restrain_res else None,
     )
     if not static.restrain_xyz:
@@ -233,25 +246,36 @@ def _geometry(u, args: _Args, static: _Static):
 
 
 def _bound_penalty(u, args: _Args, static: _Static):
-    """Σ ((p − clip(p)) / unit)² over B, occupancy and resolution: where `_build` clips a value into
-    its bounds its gradient vanishes, and this term brings it back (0 inside the bounds)."""
-    total = jnp.zeros((), args.positions.dtype)
-    u = {k: v.astype(args.positions.dtype) for k, v in u.items()}
+    """n Σ ((p − clip(p)) / unit)² over B and resolution, and w Σ ((q − clip(q, 0, 1)) / unit)² over
+    occupancies. Where `_build` clips B or a resolution into its bounds its gradient vanishes, and
+    this term brings it back (0 inside the bounds).
+
+    Occupancies are not clipped (most sit at their bound 1): the penalty is the bound, and its
+    stiffness is matched to the map term's. In the scaled units the map term w n L_map has a
+    curvature of about 0.01–0.02 w per occupancy (per-atom units make it alike for every atom, and
+    group units for every group), and this penalty 2 w: ~100 times stiffer, so an occupancy overshoots
+    its bound by about g / 2w units (g its map gradient; ~10⁻³ in occupancy, and none at a perfect
+    fit), while a wall 10⁵–10⁶ times stiffer than the data (n Σ, as for B) scaled L-BFGS's curvature
+    estimates to the wall and stalled it (7CEC: 56 % instead of 100 % of the half-occupancy atoms
+    within ±0.1 after 200 steps)."""
+    dt = args.positions.dtype
+    total = jnp.zeros((), dt)
+    u = {k: v.astype(dt) for k, v in u.items()}
     if "b" in u:
         raw = args.b_factors + u["b"] * args.unit_b
-        total = total + jnp.sum(((raw - jnp.clip(raw, args.b_lo, args.b_hi)) / args.unit_b) ** 2)
+        total = total + static.n_atoms * jnp.sum(((raw - jnp.clip(raw, args.b_lo, args.b_hi)) / args.unit_b) ** 2)
     if "occ" in u:
-        raw = args.occupancies + u["occ"] * args.unit_occ
-        total = total + jnp.sum(((raw - jnp.clip(raw, 0.0, 1.0)) / args.unit_occ) ** 2)
+        raw = args.occupancies + (u["occ"] * args.unit_occ_group)[args.occ_groups]
+        total = total + args.weight.astype(dt) * jnp.sum(((raw - jnp.clip(raw, 0.0, 1.0)) / args.unit_occ) ** 2)
     if "res" in u:
-        raw = args.resolutions + u["res"] * _UNITS["res"]
-        total = total + jnp.sum(((raw - jnp.clip(raw, args.d_lo, args.d_hi)) / _UNITS["res"]) ** 2)
+        raw = args.resolutions + (u["res"] * args.unit_res_group)[args.res_groups]
+        total = total + static.n_atoms * jnp.sum(((raw - jnp.clip(raw, args.d_lo, args.d_hi)) / _UNITS["res"]) ** 2)
     return total
 
 
 def _objective(u, args: _Args, static: _Static):
     return (args.weight * static.n_atoms * _map_loss(u, args, static) + _geometry(u, args, static)
-            + static.n_atoms * _bound_penalty(u, args, static))
+            + _bound_penalty(u, args, static))
 
 
 @eqx.filter_jit
@@ -266,7 +290,7 @@ def _gradient_norms(u, args: _Args, static: _Static):
 def _metrics(u, args: _Args, static: _Static):
     """(E_geom, bond rmsd Å, angle rmsd °) at `u`."""
     pos, *_ = _build(u, args, static)
-    e = _geometry(u, args, static) + static.n_atoms * _bound_penalty(u, args, static)
+    e = _geometry(u, args, static) + _bound_penalty(u, args, static)
     if args.restraints is None:
         nan = jnp.full((), jnp.nan, pos.dtype)
         return e, nan, nan
@@ -324,6 +348,81 @@ def _rigid_groups(labels, n: int, groups):
     return inv.astype(np.int32)
 
 
+def _parameter_groups(labels, n: int, groups, option: str) -> np.ndarray | None:
+    """(n,) group index of every atom from 0 for `option` (`occupancy_groups` or
+    `resolution_groups`), or None for one parameter per atom."""
+    if groups is None or (isinstance(groups, str) and groups == "atom"):
+        return None
+    if isinstance(groups, str):
+        if groups != "residue":
+            raise ValueError(f"{option} must be None, 'atom', 'residue' or one group id per atom, got {groups!r}")
+        if labels is None:
+            raise ValueError(f"{option}='residue' needs an AtomicModel (chain, residue number and insertion "
+                             "code of every atom); with bare Atoms give one group id per atom")
+        # one group per residue and alternate conformer (a residue's shared atoms are one more)
+        keys = [f"{c}\x1f{r}\x1f{i}\x1f{a}" for c, r, i, a in zip(
+            labels.chain, labels.residue_number, labels.insertion_code, labels.altloc)]
+        _, inv = np.unique(np.asarray(keys), return_inverse=True)
+        return inv.reshape(-1).astype(np.int32)
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"{option} must have one entry per atom ({n}), got shape {g.shape}")
+    _, inv = np.unique(g, return_inverse=True)
+    return inv.reshape(-1).astype(np.int32)
+
+
+def _scan_start(render_fn, volume, target, grid, d_lo, d_hi, groups, resolution) -> np.ndarray:
+    """Per-atom starting resolutions from a scan of uniform resolutions (`modelmap.refine._scan`):
+    each group gets the one whose model map correlates best with the target near its atoms."""
+    lo, hi = float(jnp.min(d_lo)), float(jnp.max(d_hi))
+    candidates = scan_candidates(lo, hi, grid)
+    voxels, vgroup = voxel_groups(np.asarray(volume.positions, np.float64), groups, grid,
+                                  radius=max(2.0, 0.6 * float(resolution)))
+    n_groups = int(groups.max()) + 1
+    target = np.asarray(target)
+    scores = np.stack([
+        local_cc_per_group(target, np.asarray(render_fn(eqx.tree_at(
+            lambda v: v.resolutions, volume, jnp.full_like(volume.resolutions, c)))), voxels, vgroup, n_groups)
+        for c in candidates
+    ], axis=1)
+    best = best_per_group(scores, candidates)[groups]
+    return np.clip(best, np.asarray(d_lo), np.asarray(d_hi))
+
+
+def _group_units(positions: np.ndarray, b0: np.ndarray, resolution: float, groups: np.ndarray) -> np.ndarray:
+    """The unit of each group's shift relative to a single median atom's (multiply by 0.1 for
+    occupancy, 0.3 Å for resolution): the shift of all its atoms whose map curvature equals that of
+    one median atom's.
+
+    Each atom is a Gaussian of total width β = B + 4 D² (variance σ² = β / 8π² per axis, the
+    resolution as a blur, as in `_units`); the curvature of a group's shift is then proportional to
+    Σ_ij ∫ρ_i ρ_j = Σ_ij (2π (σ_i² + σ_j²))^(-3/2) exp(−r_ij² / 2 (σ_i² + σ_j²)) over its atoms
+    (elements ignored, as in `_units`). For a single atom this is `_units`' β^(3/4) law; for g well
+    separated atoms the unit is 1/√g of theirs, and for g overlapping ones nearer 1/g. Resolution
+    shifts use the same overlaps (∂ρ/∂D of neighbouring atoms overlap as their densities do).
+    """
+    from scipy.spatial import cKDTree
+
+    var = (np.maximum(b0, 0.0) + 4.0 * resolution**2) / (8.0 * math.pi**2)
+    ref = (4.0 * math.pi * np.median(var)) ** -1.5  # a median atom's ∫ρ²
+    order = np.argsort(groups, kind="stable")
+    bounds = np.flatnonzero(np.diff(groups[order])) + 1
+    total = np.empty(int(groups.max()) + 1)
+    cut = 4.0 * math.sqrt(2.0 * var.max())  # pairs farther than 4σ of their sum add < e^-8
+    for idx in np.split(order, bounds):
+        v = var[idx]
+        s = float(np.sum((4.0 * math.pi * v) ** -1.5))
+        if len(idx) > 1:
+            pairs = cKDTree(positions[idx]).query_pairs(cut, output_type="ndarray")
+            if len(pairs):
+                i, j = pairs[:, 0], pairs[:, 1]
+                vv = v[i] + v[j]
+                r2 = np.sum((positions[idx][i] - positions[idx][j]) ** 2, -1)
+                s += 2.0 * float(np.sum((2.0 * math.pi * vv) ** -1.5 * np.exp(-r2 / (2.0 * vv))))
+        total[groups[idx[0]]] = s
+    return np.clip(np.sqrt(ref / total), 1e-3, 10.0)
+
+
 def refine(
     model: AtomicModel | Atoms,
     target: DensityMap | Float[Array, "nz ny nx"],
@@ -331,7 +430,7 @@ def refine(
     *,
     refine: Sequence[str] = ("xyz", "b"),
     grid: Grid | None = None,
-    resolutions: float | Float[Array, " n"] | None = None,
+    resolutions: float | Float[Array, " n"] | Literal["scan"] | None = None,
     restraints: Restraints | bool | None = True,
     loss: Literal["ls", "cc", "q"] = "ls",
     mask: Array | np.ndarray | None = None,
@@ -350,6 +449,8 @@ def refine(
     d_margin: float = 2.0,
     d_bounds: tuple[float, float] = (1.5, 9.5),
     rigid_groups: np.ndarray | None = None,
+    occupancy_groups: Literal["residue", "atom"] | np.ndarray | None = None,
+    resolution_groups: Literal["residue", "atom"] | np.ndarray | None = None,
     table: str = "electron",
     n_terms: int | None = None,
     q_sigma: float = 0.6,
@@ -366,7 +467,11 @@ def refine(
       per-atom resolutions unless `resolutions` is given).
     - `refine`: any of `"xyz"`, `"b"`, `"occ"`, `"res"`, `"rigid"` (one rigid body per chain, or
       per `rigid_groups`).
-    - `resolutions`: per-atom starting resolutions (Å) for the shell-decomposition model map.
+    - `resolutions`: per-atom starting resolutions (Å) for the shell-decomposition model map, or
+      `"scan"` (with `"res"` refined): start each residue (or resolution group) at the uniform
+      resolution in `resolution ± d_margin` (0.5 Å steps, above the grid's Nyquist limit) whose
+      model map correlates best with the target near its atoms (`modelmap.refine._scan`: the fit
+      is not convex in a region's resolution, so a uniform start can descend the wrong way).
     - `restraints`: `True` builds them from the chemical library (`build_restraints`; needs an
       `AtomicModel` and biotite), a `Restraints` uses those, `False`/`None` refines unrestrained.
     - `loss`: `"ls"` (least squares with a fitted scale and offset), `"cc"` (1 − CC) or `"q"`
@@ -378,8 +483,8 @@ def refine(
       limited to 3000 parameters: rigid bodies, small selections).
     - `max_steps`: optimiser steps in all; `macro_cycles`: restarts that re-weigh and rebuild the
       neighbour list (steps are split evenly).
-    - `tol`: stop a macro-cycle when the objective changes by less than `tol` × |objective| over a
-      step (three steps in a row).
+    - `tol`: stop a macro-cycle when the objective decreases (L-BFGS) or changes (Adam) by less
+      than `tol` × |objective| over a step, three steps in a row.
     - `map_weight`: `"auto"` or a fixed w; `weight_scale` multiplies the automatic w.
     - `max_bond_rmsd`, `max_angle_rmsd`: Å and degrees; when a macro-cycle ends above either, the
       next one runs with at most a third of w, and up to two extra cycles (half as long) are added
@@ -388,6 +493,14 @@ def refine(
     - `b_margin`: Å²; each atom's B stays within this of its start (the map's windows are planned
       for it; run again from the result to go further).
     - `d_margin`: Å; likewise for each atom's resolution.
+    - `rigid_groups`: `(n,)` group id of every atom, one rigid body per group (default: per chain).
+    - `occupancy_groups`: `None` or `"atom"`: one occupancy per atom; `"residue"`: one per residue
+      and alternate conformer (chain, residue number, insertion code, altloc; needs an
+      `AtomicModel`); or an `(n,)` array of group ids. Each group's atoms keep their starting
+      occupancies plus one shared shift; the bounds [0, 1] still apply to every atom.
+    - `resolution_groups`: likewise for per-atom resolutions (`"res"`): one shared shift of the
+      starting resolutions per residue (local resolution varies over several Å, and single atoms'
+      resolutions are nearly indistinguishable in a map: the residue is the natural unit).
     - `table`: scattering table, `"electron"` or `"xray"`.
     - `n_terms`: shell terms K of the shell model map (default of `ShellDecompositionVolume`).
     - `q_sigma`: σ (Å) of the Q loss.
@@ -413,6 +526,8 @@ def refine(
         raise ValueError(f"resolution must be > 0 Å, got {resolution}")
     atoms, labels, data, grid = _as_inputs(model, target, grid)
     n = atoms.n_atoms
+    occ_groups = _parameter_groups(labels, n, occupancy_groups, "occupancy_groups")
+    res_groups = _parameter_groups(labels, n, resolution_groups, "resolution_groups")
     dtype = jnp.float32
     pos0 = jnp.asarray(atoms.positions, dtype)
     b0 = jnp.asarray(atoms.b_factors, dtype)
@@ -440,15 +555,24 @@ def refine(
         from ..shells import get_shell_table
         from ..volumes._shell_decomposition import DEFAULT_SHELL_TERMS
 
-        res0 = jnp.broadcast_to(jnp.asarray(resolution if resolutions is None else resolutions, dtype), (n,))
+        scan = isinstance(resolutions, str)
+        if scan and (resolutions != "scan" or "res" not in refine):
+            raise ValueError("resolutions must be a number, one per atom, or 'scan' (with 'res' refined)")
+        res_ref = jnp.broadcast_to(jnp.asarray(resolution if resolutions is None or scan else resolutions, dtype), (n,))
         k = DEFAULT_SHELL_TERMS if n_terms is None else int(n_terms)
-        start = ShellDecompositionVolume.from_atoms(Atoms(pos0, atoms.atomic_numbers, b0, occ0), res0, table, k)
-        # each atom's resolution stays within d_margin of its start (the windows are planned so)
-        d_lo = jnp.maximum(res0 - d_margin, d_bounds[0])
-        d_hi = jnp.minimum(res0 + d_margin, d_bounds[1])
+        start = ShellDecompositionVolume.from_atoms(Atoms(pos0, atoms.atomic_numbers, b0, occ0), res_ref, table, k)
+        # each atom's resolution stays within d_margin of `res_ref` (the windows are planned so)
+        d_lo = jnp.maximum(res_ref - d_margin, d_bounds[0])
+        d_hi = jnp.minimum(res_ref + d_margin, d_bounds[1])
         render_fn = ShellRenderFn(grid).with_plan(
             start, b_margin=b_margin if "b" in refine else 0.0, d_margin=d_margin if "res" in refine else 0.0
         )
+        res0 = res_ref
+        if scan:
+            scan_groups = res_groups if res_groups is not None else (
+                _parameter_groups(labels, n, "residue", "resolution_groups") if labels is not None else np.arange(n))
+            res0 = jnp.asarray(_scan_start(render_fn, start, data, grid, d_lo, d_hi, scan_groups, resolution), dtype)
+            start = eqx.tree_at(lambda v: v.resolutions, start, res0)
         table_arg = (start.table, k)
         z_arg = start.element_index
     else:
@@ -463,6 +587,18 @@ def refine(
     b_lo = jnp.maximum(b0 - b_margin, max(b_bounds[0], 0.0))
     b_hi = jnp.minimum(b0 + b_margin, b_bounds[1])
     unit_xyz, unit_b, unit_occ = _units(np.asarray(b0, np.float64), float(resolution), dtype)
+    if occ_groups is None:
+        occ_groups, unit_occ_group = np.arange(n, dtype=np.int32), unit_occ
+    else:
+        unit_occ_group = jnp.asarray(_UNITS["occ"] * _group_units(
+            np.asarray(pos0, np.float64), np.asarray(b0, np.float64), float(resolution), occ_groups), dtype)
+    n_occ = int(unit_occ_group.shape[0])
+    if res_groups is None:
+        res_groups, unit_res_group = np.arange(n, dtype=np.int32), jnp.full((n,), _UNITS["res"], dtype)
+    else:
+        unit_res_group = jnp.asarray(_UNITS["res"] * _group_units(
+            np.asarray(pos0, np.float64), np.asarray(b0, np.float64), float(resolution), res_groups), dtype)
+    n_res = int(unit_res_group.shape[0])
 
     # ---- mask, rigid groups, probes ----------------------------------------------------------
     if mask is None:
@@ -493,7 +629,9 @@ def refine(
     args = _Args(
         positions=pos0, atomic_numbers=z_arg, z=jnp.asarray(atoms.atomic_numbers), b_factors=b0, occupancies=occ0, resolutions=res0,
         groups=jnp.asarray(groups), centres=jnp.asarray(centres, dtype), radii=jnp.asarray(radii, dtype),
-        unit_xyz=unit_xyz, unit_b=unit_b, unit_occ=unit_occ, d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi, target=data, mask=jnp.asarray(mask), restraints=restraints, weight=jnp.ones((), dtype),
+        unit_xyz=unit_xyz, unit_b=unit_b, unit_occ=unit_occ, occ_groups=jnp.asarray(occ_groups),
+        unit_occ_group=unit_occ_group,
+        res_groups=jnp.asarray(res_groups), unit_res_group=unit_res_group, d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi, target=data, mask=jnp.asarray(mask), restraints=restraints, weight=jnp.ones((), dtype),
         probes=probes, grid=grid, table=table_arg,
     )
     u = {}
@@ -502,6 +640,10 @@ def refine(
             u[name] = jnp.zeros((n, 3), dtype)
         elif name == "rigid":
             u[name] = jnp.zeros((n_groups, 6), dtype)
+        elif name == "occ":
+            u[name] = jnp.zeros((n_occ,), dtype)
+        elif name == "res":
+            u[name] = jnp.zeros((n_res,), dtype)
         else:
             u[name] = jnp.zeros((n,), dtype)
     n_params = sum(x.size for x in u.values())
@@ -561,6 +703,8 @@ def refine(
     finally:
         bar.close()
     pos, b, occ, res = (None if x is None else np.asarray(x) for x in _build(u, args, static))
+    if "occ" in refine:  # the soft bound lets them overshoot by ~1e-3 (`_bound_penalty`)
+        occ = np.clip(occ, 0.0, 1.0)
     out_atoms = Atoms(pos, atoms.atomic_numbers, b, occ)
     out_model = model.replace(atoms=out_atoms) if isinstance(model, AtomicModel) else None
     return RefineResult(
@@ -622,7 +766,9 @@ def _make_optimiser(solver: str, learning_rate: float, tol: float):
     """The optimiser, one object per setting, so that jitted steps compile once per shape and are
     reused by later refinements in the same process."""
     if solver == "lbfgs":
-        return _LBFGS(optax.lbfgs())
+        # at most 10 trial steps per line search (optax's default 20 are spent in full once the
+        # objective is at float32 noise, each a map value and gradient)
+        return _LBFGS(optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(10, initial_guess_strategy="one")))
     if solver == "adam":
         return _Adam(optax.adam(learning_rate))
     try:
@@ -648,6 +794,7 @@ def _run_cycle(u, args, static, opt, n_steps, tol, history, step0, t0, bar, call
     shapes = eqx.filter_eval_shape(_optax_step, u, state, args, static, opt)[1]
     state = jax.tree_util.tree_map(lambda x, s: jnp.asarray(x, s.dtype), state, shapes)
     step_fn = lambda u, state: _optax_step(u, state, args, static, opt)  # noqa: E731
+    line_search = isinstance(opt, _LBFGS)
     quiet = 0
     last = None
     for k in range(n_steps):
@@ -656,7 +803,11 @@ def _run_cycle(u, args, static, opt, n_steps, tol, history, step0, t0, bar, call
         if not math.isfinite(value) or not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(new_u)):
             return u, k, False, False
         _record(history, step0 + k, u, value, args, static, t0, bar, callback)
-        if last is not None and abs(last - value) <= tol * max(abs(value), 1e-30):
+        # L-BFGS's line search decreases the objective at every step, so a step without a sufficient
+        # decrease (a line search that found none, at float32 noise) counts as quiet; Adam's values
+        # oscillate, so there only a small change does. Three in a row end the cycle.
+        small = tol * max(abs(value), 1e-30)
+        if last is not None and (value >= last - small if line_search else abs(last - value) <= small):
             quiet += 1
         else:
             quiet = 0
