@@ -153,6 +153,7 @@ def test_refine_recovers_coordinates_and_b_of_a_helix():
     assert float(restraints.angle_rmsd(r.atoms.positions)) <= 2.5
     h = r.history
     assert h["cc"][-1] > h["cc"][0] and h["cc"][-1] > 0.999
+    assert f"CC {h['cc'][0]:.4f} -> {h['cc'][-1]:.4f}" in r.summary()
     assert h["bond_rmsd"][0] > 0.2 and h["bond_rmsd"][-1] <= 0.02
     assert r.model is not None and r.model.n_atoms == model.n_atoms
 
@@ -353,6 +354,7 @@ def test_refine_with_the_q_loss_raises_q():
     r = refine(start, target, 3.0, grid=grid, refine=("xyz",), loss="q", max_steps=60, progress=False)
     q = r.history["mean_q"]
     assert q[-1] > q[0] + 0.02 and np.all(np.isnan(r.history["cc"]))
+    assert f"mean Q {q[0]:.4f} -> {q[-1]:.4f}" in r.summary()
     assert _rmsd(r.atoms.positions, a.positions) < 0.9 * _rmsd(start.atoms.positions, a.positions)
     # the Q loss against the exact q_score: the refined model scores higher there too
     from modelmap.scores import q_score

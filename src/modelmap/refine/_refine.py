@@ -110,9 +110,11 @@ class RefineResult:
         first, last = 0, len(h["step"]) - 1
         if last < 0:
             return f"{self.result}: no steps"
+        # the map score the loss followed: CC (least squares, 1 − CC) or mean Q (the Q loss)
+        name, score = ("mean Q", h["mean_q"]) if np.isnan(h["cc"][last]) else ("CC", h["cc"])
         return (
             f"{self.result} after {self.n_steps} steps ({h['time'][last]:.1f} s): "
-            f"CC {h['cc'][first]:.4f} -> {h['cc'][last]:.4f}, bond rmsd {h['bond_rmsd'][first]:.4f} -> "
+            f"{name} {score[first]:.4f} -> {score[last]:.4f}, bond rmsd {h['bond_rmsd'][first]:.4f} -> "
             f"{h['bond_rmsd'][last]:.4f} Å, angle rmsd {h['angle_rmsd'][first]:.2f} -> {h['angle_rmsd'][last]:.2f}°"
         )
 
