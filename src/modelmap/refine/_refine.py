@@ -66,7 +66,7 @@ from ..shells import D_RANGE
 from ..volumes import IndependentAtomVolume, ShellDecompositionVolume
 from ._loss import least_squares_loss, cc_loss, q_loss
 from ._restraints import Restraints, build_restraints
-from ._scan import best_per_group, local_cc_per_group, scan_candidates, voxel_groups
+from ._scan import scan_start
 
 __all__ = ["PARAMETERS", "RefineResult", "refine"]
 
@@ -373,24 +373,6 @@ def _parameter_groups(labels, n: int, groups, option: str) -> np.ndarray | None:
     return inv.reshape(-1).astype(np.int32)
 
 
-def _scan_start(render_fn, volume, target, grid, d_lo, d_hi, groups, resolution) -> np.ndarray:
-    """Per-atom starting resolutions from a scan of uniform resolutions (`modelmap.refine._scan`):
-    each group gets the one whose model map correlates best with the target near its atoms."""
-    lo, hi = float(jnp.min(d_lo)), float(jnp.max(d_hi))
-    candidates = scan_candidates(lo, hi, grid)
-    voxels, vgroup = voxel_groups(np.asarray(volume.positions, np.float64), groups, grid,
-                                  radius=max(2.0, 0.6 * float(resolution)))
-    n_groups = int(groups.max()) + 1
-    target = np.asarray(target)
-    scores = np.stack([
-        local_cc_per_group(target, np.asarray(render_fn(eqx.tree_at(
-            lambda v: v.resolutions, volume, jnp.full_like(volume.resolutions, c)))), voxels, vgroup, n_groups)
-        for c in candidates
-    ], axis=1)
-    best = best_per_group(scores, candidates)[groups]
-    return np.clip(best, np.asarray(d_lo), np.asarray(d_hi))
-
-
 def _group_units(positions: np.ndarray, b0: np.ndarray, resolution: float, groups: np.ndarray) -> np.ndarray:
     """The unit of each group's shift relative to a single median atom's (multiply by 0.1 for
     occupancy, 0.3 Å for resolution): the shift of all its atoms whose map curvature equals that of
@@ -573,7 +555,7 @@ def refine(
         if scan:
             scan_groups = res_groups if res_groups is not None else (
                 _parameter_groups(labels, n, "residue", "resolution_groups") if labels is not None else np.arange(n))
-            res0 = jnp.asarray(_scan_start(render_fn, start, data, grid, d_lo, d_hi, scan_groups, resolution), dtype)
+            res0 = jnp.asarray(scan_start(render_fn, start, data, grid, d_lo, d_hi, scan_groups, resolution), dtype)
             start = eqx.tree_at(lambda v: v.resolutions, start, res0)
         table_arg = (start.table, k)
         z_arg = start.element_index
@@ -589,18 +571,16 @@ def refine(
     b_lo = jnp.maximum(b0 - b_margin, max(b_bounds[0], 0.0))
     b_hi = jnp.minimum(b0 + b_margin, b_bounds[1])
     unit_xyz, unit_b, unit_occ = _units(np.asarray(b0, np.float64), float(resolution), dtype)
-    if occ_groups is None:
-        occ_groups, unit_occ_group = np.arange(n, dtype=np.int32), unit_occ
-    else:
-        unit_occ_group = jnp.asarray(_UNITS["occ"] * _group_units(
-            np.asarray(pos0, np.float64), np.asarray(b0, np.float64), float(resolution), occ_groups), dtype)
-    n_occ = int(unit_occ_group.shape[0])
-    if res_groups is None:
-        res_groups, unit_res_group = np.arange(n, dtype=np.int32), jnp.full((n,), _UNITS["res"], dtype)
-    else:
-        unit_res_group = jnp.asarray(_UNITS["res"] * _group_units(
-            np.asarray(pos0, np.float64), np.asarray(b0, np.float64), float(resolution), res_groups), dtype)
-    n_res = int(unit_res_group.shape[0])
+    def group_units(groups, unit, per_atom):
+        """(groups, the unit of each group's parameter): one per atom (`per_atom` units) or per group."""
+        if groups is None:
+            return np.arange(n, dtype=np.int32), per_atom
+        rel = _group_units(np.asarray(pos0, np.float64), np.asarray(b0, np.float64), float(resolution), groups)
+        return groups, jnp.asarray(unit * rel, dtype)
+
+    occ_groups, unit_occ_group = group_units(occ_groups, _UNITS["occ"], unit_occ)
+    res_groups, unit_res_group = group_units(res_groups, _UNITS["res"], jnp.full((n,), _UNITS["res"], dtype))
+    n_occ, n_res = int(unit_occ_group.shape[0]), int(unit_res_group.shape[0])
 
     # ---- mask, rigid groups, probes ----------------------------------------------------------
     if mask is None:

@@ -13,6 +13,8 @@ refinement (`refine(..., resolutions="scan")`) takes it from there.
 
 from __future__ import annotations
 
+import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -32,11 +34,7 @@ def scan_candidates(lo: float, hi: float, grid: Grid, step: float = 0.5) -> np.n
 def voxel_groups(positions: np.ndarray, groups: np.ndarray, grid: Grid, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """`(flat voxel indices, their group)`: every voxel within `radius` (Å) of an atom, given to the
     group of the atom nearest to it."""
-    tree = cKDTree(positions)
-    nz, ny, nx = grid.shape
-    zyx = np.stack(np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij"), -1).reshape(-1, 3)
-    xyz = zyx[:, ::-1] * np.asarray(grid.voxel_size) + np.asarray(grid.origin)
-    dist, nearest = tree.query(xyz, distance_upper_bound=radius)
+    dist, nearest = cKDTree(positions).query(grid.coordinates().reshape(-1, 3), distance_upper_bound=radius)
     inside = np.isfinite(dist)
     return np.flatnonzero(inside), groups[nearest[inside]]
 
@@ -74,3 +72,22 @@ def local_cc_per_group(target: np.ndarray, model_map: np.ndarray, voxels: np.nda
         cc = cov / np.sqrt(vx * vy)
     cc[(cnt < 4) | ~(vx > 0) | ~(vy > 0)] = np.nan
     return cc
+
+
+def scan_start(render_fn, volume, target, grid: Grid, d_lo, d_hi, groups: np.ndarray, resolution: float) -> np.ndarray:
+    """Per-atom starting resolutions (Å): each group gets the uniform resolution in
+    `[min d_lo, max d_hi]` (`scan_candidates`) whose map, `render_fn` of `volume` at that resolution,
+    correlates best with `target` over the voxels nearest to its atoms; clipped into each atom's
+    `[d_lo, d_hi]`."""
+    candidates = scan_candidates(float(jnp.min(d_lo)), float(jnp.max(d_hi)), grid)
+    voxels, vgroup = voxel_groups(np.asarray(volume.positions, np.float64), groups, grid,
+                                  radius=max(2.0, 0.6 * float(resolution)))
+    n_groups = int(groups.max()) + 1
+    target = np.asarray(target)
+    scores = np.stack([
+        local_cc_per_group(target, np.asarray(render_fn(eqx.tree_at(
+            lambda v: v.resolutions, volume, jnp.full_like(volume.resolutions, c)))), voxels, vgroup, n_groups)
+        for c in candidates
+    ], axis=1)
+    best = best_per_group(scores, candidates)[groups]
+    return np.clip(best, np.asarray(d_lo), np.asarray(d_hi))

@@ -119,17 +119,26 @@ class ShellProfileKernel(eqx.Module):
         f, df = jax.jvp(lambda x: _profile(x, radii, widths, amps), (nodes,), (jnp.ones_like(nodes),))
         return f, df * step
 
-    def values(self, dx, dy, dz, f, df):
-        """One source's window `(wz, wy, wx)` from its offsets (Å) and its tables `(n_nodes,)`."""
+    def _locate(self, dx, dy, dz):
+        """Per voxel of a window: `r² > 0`, `r` (1 where r = 0), its node `i` and `s = r/h - i`."""
         n = self.n_nodes
         r2 = dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2
-        u = jnp.sqrt(r2) * ((n - 1) / self.r_max)
+        positive = r2 > 0
+        r = jnp.sqrt(jnp.where(positive, r2, 1.0))
+        u = jnp.where(positive, r, 0.0) * ((n - 1) / self.r_max)
         i = jnp.clip(jnp.floor(u).astype(jnp.int32), 0, n - 2)
-        s = jnp.clip(u - i, 0.0, 1.0)
+        return positive, r, i, jnp.clip(u - i, 0.0, 1.0)
+
+    @staticmethod
+    def _coefficients(f, df, i):
+        """The cubic Hermite interpolant on [r_i, r_{i+1}] in s: `((c3 s + c2) s + d0) s + f0`."""
         f0, f1, d0, d1 = f[i], f[i + 1], df[i], df[i + 1]
-        # the cubic Hermite interpolant on [r_i, r_{i+1}] in s = r/h - i: ((c3 s + c2) s + d0) s + f0
-        c2 = 3 * (f1 - f0) - 2 * d0 - d1
-        c3 = 2 * (f0 - f1) + d0 + d1
+        return f0, d0, 3 * (f1 - f0) - 2 * d0 - d1, 2 * (f0 - f1) + d0 + d1
+
+    def values(self, dx, dy, dz, f, df):
+        """One source's window `(wz, wy, wx)` from its offsets (Å) and its tables `(n_nodes,)`."""
+        _, _, i, s = self._locate(dx, dy, dz)
+        f0, d0, c2, c3 = self._coefficients(f, df, i)
         return ((c3 * s + c2) * s + d0) * s + f0
 
     def cotangents(self, dx, dy, dz, f, df, g):
@@ -142,23 +151,15 @@ class ShellProfileKernel(eqx.Module):
         gradient is `Σ g (dv/dr) d / r` (0 at r = 0, where the profile is flat).
         """
         n = self.n_nodes
-        inv_h = (n - 1) / self.r_max
-        r2 = dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2
-        positive = r2 > 0
-        r = jnp.sqrt(jnp.where(positive, r2, 1.0))
-        u = jnp.where(positive, r, 0.0) * inv_h
-        i = jnp.clip(jnp.floor(u).astype(jnp.int32), 0, n - 2)
-        s = jnp.clip(u - i, 0.0, 1.0)
+        positive, r, i, s = self._locate(dx, dy, dz)
         s2 = s * s
         s3 = s2 * s
         basis = jnp.stack([2 * s3 - 3 * s2 + 1, s3 - 2 * s2 + s, 3 * s2 - 2 * s3, s3 - s2], axis=-1)
         hist = jax.ops.segment_sum((g[..., None] * basis).reshape(-1, 4), i.ravel(), n)
         ct_f = hist[:, 0].at[1:].add(hist[:-1, 2])
         ct_df = hist[:, 1].at[1:].add(hist[:-1, 3])
-        f0, f1, d0, d1 = f[i], f[i + 1], df[i], df[i + 1]
-        c2 = 3 * (f1 - f0) - 2 * d0 - d1
-        c3 = 2 * (f0 - f1) + d0 + d1
-        dv_dr = ((3 * c3 * s + 2 * c2) * s + d0) * inv_h
+        _, d0, c2, c3 = self._coefficients(f, df, i)
+        dv_dr = ((3 * c3 * s + 2 * c2) * s + d0) * ((n - 1) / self.r_max)
         w = jnp.where(positive, g * dv_dr / r, 0.0)
         grad = jnp.stack([
             jnp.sum(jnp.sum(w, axis=(0, 1)) * dx),
