@@ -36,9 +36,13 @@ atoms' occupancies (or resolutions) are nearly indistinguishable in the map, and
 determined. B and resolution are clipped into
 their bounds (`b_bounds` and `d_bounds`, within `b_margin`/`d_margin` of the start) where the atoms
 are built, with a quadratic penalty outside that brings them back; occupancies are not clipped but
-penalized outside [0, 1], by a penalty matched to the map term's stiffness (`_bound_penalty`), and
-returned clipped into [0, 1]. Their restraints (B similarity along bonds, alternate conformers
-summing to 1, resolution bounds) are part of E_geom.
+penalized outside [0, 1]; both penalties are matched to the map term's stiffness (`_bound_penalty`),
+and occupancies are returned clipped into [0, 1]. Their restraints (B similarity along bonds,
+alternate conformers summing to 1, resolution bounds) are part of E_geom.
+
+**The optimiser.** L-BFGS (the default) takes optax's L-BFGS direction and a strong-Wolfe line
+search run from Python, so that the objective's value and gradient are compiled once and every
+trial step reuses them; Adam and optimistix's BFGS / L-BFGS are the alternatives (`solver`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from .._grid import Grid
 from ..io import AtomicModel, DensityMap
 from ..io._map import map_array
 from ..render import ShellRenderFn, SplatFourierRenderFn
+from ..scattering import get_table
 from ..scores import atom_neighbourhood_mask, select_probes
 from ..shells import D_RANGE
 from ..volumes import IndependentAtomVolume, ShellDecompositionVolume
@@ -248,30 +253,32 @@ def _geometry(u, args: _Args, static: _Static):
 
 
 def _bound_penalty(u, args: _Args, static: _Static):
-    """n Σ ((p − clip(p)) / unit)² over B and resolution, and w Σ ((q − clip(q, 0, 1)) / unit)² over
-    occupancies. Where `_build` clips B or a resolution into its bounds its gradient vanishes, and
-    this term brings it back (0 inside the bounds).
+    """w Σ ((p − clip(p)) / unit)² over B, occupancies and resolutions (w the map weight): 0
+    inside the bounds. Where `_build` clips B or a resolution into its bounds, the map's gradient
+    vanishes and this term brings the parameter back; occupancies are not clipped (most sit at their
+    bound 1), so for them the penalty is the bound.
 
-    Occupancies are not clipped (most sit at their bound 1): the penalty is the bound, and its
-    stiffness is matched to the map term's. In the scaled units the map term w n L_map has a
-    curvature of about 0.01–0.02 w per occupancy (per-atom units make it alike for every atom, and
-    group units for every group), and this penalty 2 w: ~100 times stiffer, so an occupancy overshoots
-    its bound by about g / 2w units (g its map gradient; ~10⁻³ in occupancy, and none at a perfect
-    fit), while a wall 10⁵–10⁶ times stiffer than the data (n Σ, as for B) scaled L-BFGS's curvature
-    estimates to the wall and stalled it (7CEC: 56 % instead of 100 % of the half-occupancy atoms
-    within ±0.1 after 200 steps)."""
+    Its stiffness follows the map term's: in the scaled units (alike for every atom or group) the
+    map term w n L_map has a curvature of about 0.01–0.02 w per occupancy (measured on 7CEC), and
+    this penalty 2 w, ~100 times stiffer. An occupancy overshoots its bound by about g / 2w units
+    (g its map gradient; ~10⁻³ in occupancy, none at a perfect fit); a clipped B or resolution
+    settles at its bound. A wall 10⁵–10⁶ times stiffer than the data (n Σ) scaled L-BFGS's curvature
+    estimates to the wall: line searches failed whenever one atom reached a bound (7CEC B alone:
+    ~10 trial steps each) and occupancy refinement stalled (56 % instead of 100 % of the
+    half-occupancy atoms within ±0.1 after 200 steps)."""
     dt = args.positions.dtype
+    w = args.weight.astype(dt)
     total = jnp.zeros((), dt)
     u = {k: v.astype(dt) for k, v in u.items()}
     if "b" in u:
         raw = args.b_factors + u["b"] * args.unit_b
-        total = total + static.n_atoms * jnp.sum(((raw - jnp.clip(raw, args.b_lo, args.b_hi)) / args.unit_b) ** 2)
+        total = total + w * jnp.sum(((raw - jnp.clip(raw, args.b_lo, args.b_hi)) / args.unit_b) ** 2)
     if "occ" in u:
         raw = args.occupancies + (u["occ"] * args.unit_occ_group)[args.occ_groups]
-        total = total + args.weight.astype(dt) * jnp.sum(((raw - jnp.clip(raw, 0.0, 1.0)) / args.unit_occ) ** 2)
+        total = total + w * jnp.sum(((raw - jnp.clip(raw, 0.0, 1.0)) / args.unit_occ) ** 2)
     if "res" in u:
         raw = args.resolutions + (u["res"] * args.unit_res_group)[args.res_groups]
-        total = total + static.n_atoms * jnp.sum(((raw - jnp.clip(raw, args.d_lo, args.d_hi)) / _UNITS["res"]) ** 2)
+        total = total + w * jnp.sum(((raw - jnp.clip(raw, args.d_lo, args.d_hi)) / _UNITS["res"]) ** 2)
     return total
 
 
@@ -301,19 +308,38 @@ def _metrics(u, args: _Args, static: _Static):
 
 @eqx.filter_jit
 def _optax_step(u, state, args: _Args, static: _Static, opt):
-    fn = lambda p: _objective(p, args, static)  # noqa: E731
-    if isinstance(opt, _LBFGS):
-        value, grad = optax.value_and_grad_from_state(fn)(u, state=state)
-        updates, state = opt.tx.update(grad, state, u, value=value, grad=grad, value_fn=fn)
-    else:
-        value, grad = jax.value_and_grad(fn)(u)
-        updates, state = opt.tx.update(grad, state, u)
-    # keep the parameters' dtype (optax's scalars may be float64 when x64 is enabled)
+    """One Adam step: (new u, new state, objective at u)."""
+    value, grad = jax.value_and_grad(lambda p: _objective(p, args, static))(u)
+    updates, state = opt.tx.update(grad, state, u)
     return jax.tree_util.tree_map(lambda p, d: (p + d).astype(p.dtype), u, updates), state, value
 
 
+@eqx.filter_jit
+def _value_and_grad(u, args: _Args, static: _Static):
+    """The objective and its gradient: the one compiled model-map evaluation of an L-BFGS run."""
+    return jax.value_and_grad(_objective)(u, args, static)
+
+
+@eqx.filter_jit
+def _lbfgs_direction(grad, state, u, opt):
+    """(direction d = −P g, new memory, slope g·d)."""
+    d, state = opt.tx.update(grad, state, u)
+    d = jax.tree_util.tree_map(lambda g, x: x.astype(g.dtype), grad, d)
+    return d, state, optax.tree.vdot(grad, d)
+
+
+@eqx.filter_jit
+def _curvature(u0, g0, u1, g1):
+    """sᵀy of an accepted step (s = u1 − u0, y = g1 − g0): the L-BFGS memory needs it > 0."""
+    return optax.tree.vdot(optax.tree.sub(u1, u0), optax.tree.sub(g1, g0))
+
+
 class _LBFGS(eqx.Module):
-    tx: optax.GradientTransformationExtraArgs = eqx.field(static=True)
+    """optax's L-BFGS direction (`optax.lbfgs` without its line search), with the strong-Wolfe
+    line search of `_line_search` run from Python (`_run_lbfgs`), at most `max_trials` trials."""
+
+    tx: optax.GradientTransformation = eqx.field(static=True)
+    max_trials: int = eqx.field(static=True, default=10)
 
 
 class _Adam(eqx.Module):
@@ -462,7 +488,7 @@ def refine(
       (1 − mean differentiable Q-score; coordinates only).
     - `mask`: voxels of the map term (boolean `(nz, ny, nx)`); default: within `mask_radius` of
       the starting atoms (default max(3 Å, D)).
-    - `solver`: `"lbfgs"` (optax L-BFGS with a zoom line search), `"adam"` (optax, `learning_rate`
+    - `solver`: `"lbfgs"` (optax's L-BFGS direction, a strong-Wolfe line search), `"adam"` (optax, `learning_rate`
       in scaled units), `"optx-lbfgs"` or `"bfgs"` (optimistix; BFGS keeps a dense Hessian and is
       limited to 3000 parameters: rigid bodies, small selections).
     - `max_steps`: optimiser steps in all; `macro_cycles`: restarts that re-weigh and rebuild the
@@ -562,7 +588,7 @@ def refine(
     else:
         res0 = d_lo = d_hi = None
         start = IndependentAtomVolume.from_atoms(Atoms(pos0, atoms.atomic_numbers, b0, occ0), table)
-        render_fn = SplatFourierRenderFn(grid, float(resolution), eps=1e-3).with_plan(
+        render_fn = SplatFourierRenderFn(grid, float(resolution), eps=1e-3, max_buckets=3).with_plan(
             start, b_margin=b_margin if "b" in refine else 0.0
         )
         table_arg = start.table
@@ -570,7 +596,8 @@ def refine(
     # each atom's B stays within b_margin of its start (the render windows are planned for that)
     b_lo = jnp.maximum(b0 - b_margin, max(b_bounds[0], 0.0))
     b_hi = jnp.minimum(b0 + b_margin, b_bounds[1])
-    unit_xyz, unit_b, unit_occ = _units(np.asarray(b0, np.float64), float(resolution), dtype)
+    unit_xyz, unit_b, unit_occ = _units(np.asarray(b0, np.float64), np.asarray(atoms.atomic_numbers), float(resolution),
+                                        get_table(table), dtype)
     def group_units(groups, unit, per_atom):
         """(groups, the unit of each group's parameter): one per atom (`per_atom` units) or per group."""
         if groups is None:
@@ -657,7 +684,9 @@ def refine(
                 pos_now = np.asarray(_build(u, args, static)[0])
                 args = eqx.tree_at(lambda a: a.restraints, args,
                                    _rebuild_neighbours(args.restraints, pos_now, capacity))
-            if map_weight == "auto":
+            if map_weight == "auto" and not static.use_geometry:
+                weight = 1.0  # nothing to balance the map against
+            elif map_weight == "auto":
                 gm, gg = (float(x) for x in _gradient_norms(u, args, static))
                 w_new = weight_scale * gg / gm if gm > 0 and gg > 0 else 1.0
                 if weight is not None and loose:
@@ -696,21 +725,33 @@ def refine(
     )
 
 
-def _units(b0: np.ndarray, resolution: float, dtype):
+def _units(b0: np.ndarray, atomic_numbers: np.ndarray, resolution: float, table, dtype):
     """Per-atom units of coordinates, B and occupancy: a diagonal preconditioner.
 
-    For a Gaussian atom of total width β (Å²), the map's curvature in the atom's position scales as
-    β^(-5/2), in its B as β^(-7/2) and in its occupancy as β^(-3/2) (∫(∂ρ/∂x)², ∫(∂ρ/∂B)², ∫ρ²);
-    with β = B + 4 D² (the resolution as a Gaussian blur), units proportional to β^(5/4), β^(7/4)
-    and β^(3/4) make the curvatures alike for sharp and blurred atoms. Normalized to 1 Å, 10 Å² and
-    0.1 at the median atom; factors kept in [0.1, 10].
+    Each unit is 1/√(curvature) of the least-squares map term in that parameter, for an atom alone
+    in the Fourier map at resolution D (the Gauss-Newton diagonal). By Parseval the curvature is an
+    integral over the kept sphere of the atom's transform g(s) = f(s) exp(−B s²/4) (f the
+    scattering factor of its element) times the parameter's factor squared:
+
+        xyz: ∫ (2π s)²/3 g² d³s,  B: ∫ (s²/4)² g² d³s,  occupancy: ∫ g² d³s,  |s| <= 1/D,
+
+    (1-D radial quadrature, 129 nodes). Sharp atoms and heavy elements get small units, blurred and
+    light ones large, so one L-BFGS step moves them alike. Normalized to 1 Å, 10 Å² and 0.1 at the
+    median atom; factors kept in [0.1, 10].
     """
-    beta = np.maximum(b0, 0.0) + 4.0 * resolution**2
-    rel = beta / np.median(beta)
-    ux = _UNITS["xyz"] * np.clip(rel**1.25, 0.1, 10.0)
-    ub = _UNITS["b"] * np.clip(rel**1.75, 0.1, 10.0)
-    uo = _UNITS["occ"] * np.clip(rel**0.75, 0.1, 10.0)
-    return jnp.asarray(ux, dtype), jnp.asarray(ub, dtype), jnp.asarray(uo, dtype)
+    s = np.linspace(0.0, 1.0 / resolution, 129)
+    w = np.full(s.shape, s[1] - s[0])
+    w[0] = w[-1] = 0.5 * w[0]  # trapezoid
+    z = np.asarray(atomic_numbers)
+    a, bk = (np.asarray(x, np.float64)[z] for x in (table.a, table.b))  # (n, K)
+    f = np.einsum("nk,nks->ns", a, np.exp(-bk[:, :, None] * s**2 / 4.0))
+    g2 = (f * np.exp(-np.maximum(b0, 0.0)[:, None] * s**2 / 4.0)) ** 2 * (4.0 * math.pi * s**2 * w)
+    curvatures = {"xyz": g2 @ (4.0 * math.pi**2 * s**2 / 3.0), "b": g2 @ (s**2 / 4.0) ** 2, "occ": g2.sum(1)}
+    out = []
+    for key in ("xyz", "b", "occ"):
+        u = 1.0 / np.sqrt(np.maximum(curvatures[key], 1e-300))
+        out.append(jnp.asarray(_UNITS[key] * np.clip(u / np.median(u), 0.1, 10.0), dtype))
+    return tuple(out)
 
 
 def _rebuild_neighbours(restraints: Restraints, positions: np.ndarray, capacity: int) -> Restraints:
@@ -748,9 +789,10 @@ def _make_optimiser(solver: str, learning_rate: float, tol: float):
     """The optimiser, one object per setting, so that jitted steps compile once per shape and are
     reused by later refinements in the same process."""
     if solver == "lbfgs":
-        # at most 10 trial steps per line search (optax's default 20 are spent in full once the
-        # objective is at float32 noise, each a map value and gradient)
-        return _LBFGS(optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(10, initial_guess_strategy="one")))
+        # the line search runs in Python (`_run_lbfgs`): every trial step calls the one compiled
+        # value-and-gradient, where optax's in-graph line search compiles the objective twice (its
+        # loop body, and the first step's value) and a refinement's first call waited for both
+        return _LBFGS(optax.lbfgs(linesearch=None))
     if solver == "adam":
         return _Adam(optax.adam(learning_rate))
     try:
@@ -770,31 +812,113 @@ def _run_cycle(u, args, static, opt, n_steps, tol, history, step0, t0, bar, call
     """One macro-cycle: up to `n_steps` optimiser steps. Returns (u, steps, converged, finite)."""
     if isinstance(opt, _Optx):
         return _run_optx(u, args, static, opt, n_steps, history, step0, t0, bar, callback)
-    state = opt.tx.init(u)
-    # the state after a step has strong dtypes where init's are weak: cast once, so that the
-    # step compiles once rather than twice
-    shapes = eqx.filter_eval_shape(_optax_step, u, state, args, static, opt)[1]
-    state = jax.tree_util.tree_map(lambda x, s: jnp.asarray(x, s.dtype), state, shapes)
-    step_fn = lambda u, state: _optax_step(u, state, args, static, opt)  # noqa: E731
-    line_search = isinstance(opt, _LBFGS)
+    if isinstance(opt, _LBFGS):
+        return _run_lbfgs(u, args, static, opt, n_steps, tol, history, step0, t0, bar, callback)
+    state = _initial_state(opt, u)
     quiet = 0
     last = None
     for k in range(n_steps):
-        new_u, new_state, value = step_fn(u, state)
+        new_u, new_state, value = _optax_step(u, state, args, static, opt)
         value = float(value)
-        if not math.isfinite(value) or not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(new_u)):
+        if not math.isfinite(value) or not _all_finite(new_u):
             return u, k, False, False
         _record(history, step0 + k, u, value, args, static, t0, bar, callback)
-        # L-BFGS's line search decreases the objective at every step, so a step without a sufficient
-        # decrease (a line search that found none, at float32 noise) counts as quiet; Adam's values
-        # oscillate, so there only a small change does. Three in a row end the cycle.
-        small = tol * max(abs(value), 1e-30)
-        if last is not None and (value >= last - small if line_search else abs(last - value) <= small):
-            quiet += 1
-        else:
-            quiet = 0
+        # Adam's values oscillate: a small change (not a decrease) counts as quiet; three in a row
+        # end the cycle
+        quiet = quiet + 1 if last is not None and abs(last - value) <= tol * max(abs(value), 1e-30) else 0
         last = value
         u, state = new_u, new_state
+        if quiet >= 3:
+            return u, k + 1, True, True
+    return u, n_steps, False, True
+
+
+def _initial_state(opt, u):
+    state = opt.tx.init(u)
+    # init's scalars are weakly typed where an update's are not: cast once, so that the jitted
+    # update compiles once rather than twice
+    shapes = eqx.filter_eval_shape(opt.tx.update, u, state, u)[1]
+    return jax.tree_util.tree_map(lambda x, s: jnp.asarray(x, s.dtype), state, shapes)
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+_ARMIJO, _CURVATURE = 1e-4, 0.9  # the strong Wolfe conditions' c1 and c2
+
+
+def _line_search(u, value, slope, d, args, static, max_trials: int):
+    """A step along `d` that meets the strong Wolfe conditions (Nocedal & Wright, Alg. 3.5-3.6),
+    each trial one call of the compiled `_value_and_grad`:
+
+        f(a) <= f(0) + c1 a f'(0)   and   |f'(a)| <= c2 |f'(0)|,   f'(a) = ∇f(u + a d)·d.
+
+    From a = 1 the step grows (to the zero of f' extrapolated from the last two trials, 2-10 times
+    further) until the minimum along `d` is bracketed, then the bracket shrinks
+    to the minimum of the quadratic through f(lo), f'(lo) and f(hi) (kept 10 % inside it). The
+    curvature condition keeps sᵀy > 0 for the L-BFGS memory and rejects steps that overshoot the
+    line's minimum. Returns (u, f, ∇f) of the accepted step, after `max_trials` the lowest trial
+    with a sufficient decrease, or None when no trial decreased f enough (float32 noise)."""
+    lo, f_lo, dg_lo = 0.0, value, slope
+    hi, f_hi = math.inf, math.nan
+    a, best = 1.0, None
+    for _ in range(max_trials):
+        trial = jax.tree_util.tree_map(lambda x, y: (x + a * y).astype(x.dtype), u, d)
+        v, g = _value_and_grad(trial, args, static)
+        v = float(v)
+        dg = float(optax.tree.vdot(g, d)) if math.isfinite(v) else math.nan
+        if not (math.isfinite(v) and math.isfinite(dg)) or v > value + _ARMIJO * a * slope or v >= f_lo:
+            hi, f_hi = a, v  # too long
+        else:
+            if best is None or v < best[1]:
+                best = (trial, v, g)
+            if abs(dg) <= _CURVATURE * abs(slope):
+                return trial, v, g
+            if dg > 0:  # past the minimum: it lies between lo and a
+                hi, f_hi = a, v
+            else:  # short of it: extrapolate f' linearly to its zero, 2-10 times further
+                a_next = a - dg * (a - lo) / (dg - dg_lo) if dg > dg_lo else 10.0 * a
+                lo, f_lo, dg_lo = a, v, dg
+        if math.isinf(hi):
+            a = min(max(a_next, 2.0 * a), 10.0 * a)
+            continue
+        width = hi - lo
+        excess = f_hi - f_lo - dg_lo * width
+        a_q = lo - dg_lo * width * width / (2.0 * excess) if math.isfinite(f_hi) and excess > 0 else lo + 0.5 * width
+        a = min(max(a_q, lo + 0.1 * width), hi - 0.1 * width)
+    return best
+
+
+def _run_lbfgs(u, args, static, opt, n_steps, tol, history, step0, t0, bar, callback=None):
+    """L-BFGS (optax's direction) with a strong-Wolfe line search run from Python
+    (`_line_search`), so that the objective compiles once. A direction that is not a descent one
+    restarts the memory; a line search that finds no decrease (float32 noise) leaves u where it is
+    and counts as quiet, as does a step that decreases the objective by less than `tol` × |f|;
+    three quiet steps in a row end the cycle. Returns (u, steps, converged, finite)."""
+    state = _initial_state(opt, u)
+    value, grad = _value_and_grad(u, args, static)
+    value = float(value)
+    if not math.isfinite(value) or not _all_finite(grad):
+        return u, 0, False, False
+    quiet = 0
+    for k in range(n_steps):
+        _record(history, step0 + k, u, value, args, static, t0, bar, callback)
+        d, new_state, slope = _lbfgs_direction(grad, state, u, opt)
+        if not float(slope) < 0:  # not a descent direction: restart the memory (a gradient step)
+            d, new_state, slope = _lbfgs_direction(grad, _initial_state(opt, u), u, opt)
+            if not float(slope) < 0:  # a zero gradient
+                return u, k + 1, True, True
+        state = new_state
+        found = _line_search(u, value, float(slope), d, args, static, opt.max_trials)
+        if found is None:
+            quiet += 1
+        else:
+            trial, v, g = found
+            if not float(_curvature(u, grad, trial, g)) > 0:  # a fallback step: keep the memory sane
+                state = _initial_state(opt, trial)
+            quiet = quiet + 1 if value - v <= tol * max(abs(v), 1e-30) else 0
+            u, value, grad = trial, v, g
         if quiet >= 3:
             return u, k + 1, True, True
     return u, n_steps, False, True
