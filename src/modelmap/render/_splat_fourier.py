@@ -7,8 +7,8 @@ NUFFT. The same map can be had from real-space splatting, because the hard-spher
 
 where ρ_{B_x} is the model's density blurred by an extra B_x (every atom's Gaussians widened by
 B_x, `GaussianMixtureVolume.from_atoms(extra_b=B_x)`), sampled at the grid points of the padded box
-(`GaussianMixtureRenderFn`, windows of 5σ), and F the discrete Fourier transform of that box. The
-extra blur is what makes the sampled density band-limited enough: a frequency s of ρ_{B_x} beyond
+(`GaussianMixtureRenderFn`, windows of ~4σ set by `eps`), and F the discrete Fourier transform of
+that box. The extra blur is what makes the sampled density band-limited enough: a frequency s of ρ_{B_x} beyond
 the grid's Nyquist limit folds back onto s − m/v (v the voxel size), and lands inside the kept
 sphere only if |s| >= 1/v_max − 1/D = s_a. B_x is chosen so that every atom's Fourier amplitude
 there, f(s_a) exp(−(B_x + B_min) s_a²/4), is below `eps` of its value at s = 0 (f the scattering
