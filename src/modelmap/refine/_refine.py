@@ -188,10 +188,25 @@ def _rotation(v: Float[Array, "g 3"]) -> Float[Array, "g 3 3"]:
     return eye + a[:, None, None] * k + b[:, None, None] * (k @ k)
 
 
+def _shifted(u: dict, args: _Args) -> dict:
+    """The refined B, occupancies and resolutions before any clip: start + shift × unit (one shift
+    per group for occupancies and resolutions), in the model's dtype (an optimiser's line search
+    may step in float64 under x64)."""
+    u = {k: v.astype(args.positions.dtype) for k, v in u.items()}
+    out = {}
+    if "b" in u:
+        out["b"] = args.b_factors + u["b"] * args.unit_b
+    if "occ" in u:
+        out["occ"] = args.occupancies + (u["occ"] * args.unit_occ_group)[args.occ_groups]
+    if "res" in u:
+        out["res"] = args.resolutions + (u["res"] * args.unit_res_group)[args.res_groups]
+    return out
+
+
 def _build(u: dict, args: _Args, static: _Static):
     """(positions, B, occupancies, resolutions) from the scaled parameters `u`."""
     pos, b, occ, res = args.positions, args.b_factors, args.occupancies, args.resolutions
-    # the model's dtype throughout (an optimiser's line search may step in float64 under x64)
+    raw = _shifted(u, args)
     u = {k: v.astype(pos.dtype) for k, v in u.items()}
     if "xyz" in u:
         pos = pos + u["xyz"] * args.unit_xyz[:, None]
@@ -200,14 +215,14 @@ def _build(u: dict, args: _Args, static: _Static):
         shift = u["rigid"][:, 3:]
         c = args.centres[args.groups]
         pos = jnp.einsum("nij,nj->ni", rot[args.groups], pos - c) + c + shift[args.groups]
-    if "b" in u:
-        b = jnp.clip(b + u["b"] * args.unit_b, args.b_lo, args.b_hi)
-    if "occ" in u:
+    if "b" in raw:
+        b = jnp.clip(raw["b"], args.b_lo, args.b_hi)
+    if "occ" in raw:
         # not clipped: most occupancies sit at their bound 1, where a clip's kink stalls L-BFGS; the
-        # bound penalty keeps them within [0, 1] instead. One parameter per occupancy group.
-        occ = occ + (u["occ"] * args.unit_occ_group)[args.occ_groups]
-    if "res" in u:
-        res = jnp.clip(res + (u["res"] * args.unit_res_group)[args.res_groups], args.d_lo, args.d_hi)
+        # bound penalty keeps them within [0, 1] instead
+        occ = raw["occ"]
+    if "res" in raw:
+        res = jnp.clip(raw["res"], args.d_lo, args.d_hi)
     return pos, b, occ, res
 
 
@@ -268,19 +283,13 @@ def _bound_penalty(u, args: _Args, static: _Static):
     ~10 trial steps each) and occupancy refinement stalled (56 % instead of 100 % of the
     half-occupancy atoms within ±0.1 after 200 steps)."""
     dt = args.positions.dtype
-    w = (args.weight * args.penalty).astype(dt)
     total = jnp.zeros((), dt)
-    u = {k: v.astype(dt) for k, v in u.items()}
-    if "b" in u:
-        raw = args.b_factors + u["b"] * args.unit_b
-        total = total + w * jnp.sum(((raw - jnp.clip(raw, args.b_lo, args.b_hi)) / args.unit_b) ** 2)
-    if "occ" in u:
-        raw = args.occupancies + (u["occ"] * args.unit_occ_group)[args.occ_groups]
-        total = total + w * jnp.sum(((raw - jnp.clip(raw, 0.0, 1.0)) / args.unit_occ) ** 2)
-    if "res" in u:
-        raw = args.resolutions + (u["res"] * args.unit_res_group)[args.res_groups]
-        total = total + w * jnp.sum(((raw - jnp.clip(raw, args.d_lo, args.d_hi)) / _UNITS["res"]) ** 2)
-    return total
+    bounds = {"b": (args.b_lo, args.b_hi, args.unit_b), "occ": (0.0, 1.0, args.unit_occ),
+              "res": (args.d_lo, args.d_hi, _UNITS["res"])}
+    for name, raw in _shifted(u, args).items():
+        lo, hi, unit = bounds[name]
+        total = total + jnp.sum(((raw - jnp.clip(raw, lo, hi)) / unit) ** 2)
+    return (args.weight * args.penalty).astype(dt) * total
 
 
 def _objective(u, args: _Args, static: _Static):
@@ -333,12 +342,6 @@ def _lbfgs_direction(grad, state, u, opt):
     d, state = opt.tx.update(grad, state, u)
     d = jax.tree_util.tree_map(lambda g, x: x.astype(g.dtype), grad, d)
     return d, state, optax.tree.vdot(grad, d)
-
-
-@eqx.filter_jit
-def _curvature(u0, g0, u1, g1):
-    """sᵀy of an accepted step (s = u1 − u0, y = g1 − g0): the L-BFGS memory needs it > 0."""
-    return optax.tree.vdot(optax.tree.sub(u1, u0), optax.tree.sub(g1, g0))
 
 
 class _LBFGS(eqx.Module):
@@ -867,8 +870,9 @@ def _line_search(u, value, slope, d, args, static, max_trials: int):
     parameters want; B alone on 7CEC: one trial fewer than with 10 times) until the minimum along `d` is bracketed, then the bracket shrinks
     to the minimum of the quadratic through f(lo), f'(lo) and f(hi) (kept 10 % inside it). The
     curvature condition keeps sᵀy > 0 for the L-BFGS memory and rejects steps that overshoot the
-    line's minimum. Returns (u, f, ∇f) of the accepted step, after `max_trials` the lowest trial
-    with a sufficient decrease, or None when no trial decreased f enough (float32 noise)."""
+    line's minimum. Returns (u, f, ∇f, a, f'(a)) of the accepted step, after `max_trials` the
+    lowest trial with a sufficient decrease, or None when no trial decreased f enough (float32
+    noise)."""
     lo, f_lo, dg_lo = 0.0, value, slope
     hi, f_hi = math.inf, math.nan
     a, best = 1.0, None
@@ -881,9 +885,9 @@ def _line_search(u, value, slope, d, args, static, max_trials: int):
             hi, f_hi = a, v  # too long
         else:
             if best is None or v < best[1]:
-                best = (trial, v, g)
+                best = (trial, v, g, a, dg)
             if abs(dg) <= _CURVATURE * abs(slope):
-                return trial, v, g
+                return trial, v, g, a, dg
             if dg > 0:  # past the minimum: it lies between lo and a
                 hi, f_hi = a, v
             else:  # short of it: extrapolate f' linearly to its zero, 2-100 times further
@@ -914,17 +918,21 @@ def _run_lbfgs(u, args, static, opt, n_steps, tol, history, step0, t0, bar, call
     for k in range(n_steps):
         _record(history, step0 + k, u, value, args, static, t0, bar, callback)
         d, new_state, slope = _lbfgs_direction(grad, state, u, opt)
-        if not float(slope) < 0:  # not a descent direction: restart the memory (a gradient step)
+        slope = float(slope)
+        if not slope < 0:  # not a descent direction: restart the memory (a gradient step)
             d, new_state, slope = _lbfgs_direction(grad, _initial_state(opt, u), u, opt)
-            if not float(slope) < 0:  # a zero gradient
+            slope = float(slope)
+            if not slope < 0:  # a zero gradient
                 return u, k + 1, True, True
         state = new_state
-        found = _line_search(u, value, float(slope), d, args, static, opt.max_trials)
+        found = _line_search(u, value, slope, d, args, static, opt.max_trials)
         if found is None:
             quiet += 1
         else:
-            trial, v, g = found
-            if not float(_curvature(u, grad, trial, g)) > 0:  # a fallback step: keep the memory sane
+            trial, v, g, a, dg = found
+            # sᵀy = a (f'(a) − f'(0)) for s = a d; the Wolfe step has it > 0, a fallback may not:
+            # restart the memory then
+            if not a * (dg - slope) > 0:
                 state = _initial_state(opt, trial)
             quiet = quiet + 1 if value - v <= tol * max(abs(v), 1e-30) else 0
             u, value, grad = trial, v, g
