@@ -10,7 +10,8 @@ Cases (issue 6):
 4. `res`: target by the shell renderer with residues 1-250 at 2.5 Å and the rest at 5 Å;
    per-atom resolution refined around 3.5 Å (± 2 Å), one per residue (`--res-groups residue`,
    default) or per atom (`atom`), started from a scan of uniform resolutions (`--res-start scan`,
-   default: `refine(resolutions="scan")`) or from a uniform 3.5 Å (`uniform`).
+   default: `refine`'s own default, `resolutions="scan"`) or by gradient alone from a uniform
+   3.5 Å (`uniform`: `resolutions=3.5`).
 5. `real`: xyz and B against the EMD-30342 crop at 3.9 Å: CC_mask, mean Q, bond/angle rmsd before
    and after.
 6. servalcat's B refinement on case 2's target in the same run, when `--servalcat` names its
@@ -186,7 +187,7 @@ def case_res(model, density, steps, groups="residue", start="scan"):
 
     # one (cold) run: a map value and gradient costs ~16 s here (41³-voxel windows at D up to 5.5 Å)
     r, timing = _run(check, model, target, 3.5, grid=density.grid, refine=("res",), max_steps=steps, warm=False,
-                     resolution_groups=groups, resolutions="scan" if start == "scan" else None)
+                     resolution_groups=groups, resolutions="scan" if start == "scan" else 3.5)
     err = np.abs(r.resolutions - d_true)
     return {"case": "res", "resolution_groups": groups, "start": start, "atoms": truth.n_atoms, **timing,
             "median_err_2.5": float(np.median(err[first])), "median_err_5": float(np.median(err[~first])),

@@ -280,7 +280,8 @@ def test_refine_resolution_per_residue():
     grid = Grid.around_positions(np.asarray(a.positions), voxel_size=1.0, padding=6.0)
     target = ShellRenderFn(grid)(ShellDecompositionVolume.from_atoms(a, d_true))
     starts = []
-    r = refine(model, target, 3.5, grid=grid, refine=("res",), resolution_groups="residue", resolutions="scan",
+    # resolutions=None: refining "res" starts from the scan by default
+    r = refine(model, target, 3.5, grid=grid, refine=("res",), resolution_groups="residue",
                max_steps=8, progress=False, callback=lambda step, atoms, d: starts.append(d))
     for k in np.unique(res):  # one resolution per residue, from the scan on
         assert np.ptp(starts[0][res == k]) <= 1e-6 and np.ptp(r.resolutions[res == k]) <= 1e-4

@@ -380,7 +380,7 @@ def refine(
                             macro_cycles=macro_cycles, solver=solver.value, loss=loss.value,
                             map_weight=map_weight, occupancy_groups=occ_groups.value,
                             resolution_groups=res_groups.value,
-                            resolutions="scan" if res_scan and "res" in names else None, json_out=json_out,
+                            resolutions=None if res_scan or "res" not in names else resolution, json_out=json_out,
                             cxc_out=cxc_out, progress=progress)
     except (ModelmapError, FileExistsError, ValueError, ImportError, TypeError) as err:
         _fail(str(err))

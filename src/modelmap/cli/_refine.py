@@ -40,7 +40,7 @@ def refine_to_files(
     map_weight: float | str = "auto",
     occupancy_groups: str = "atom",
     resolution_groups: str = "atom",
-    resolutions: str | None = None,
+    resolutions: str | float | None = None,
     json_out: Path | None = None,
     cxc_out: Path | None = None,
     progress: bool = True,
@@ -90,7 +90,7 @@ def refine_to_files(
     summary = {
         "map": str(map_path), "model": str(model_path), "resolution": resolution,
         "parameters": list(parameters), "solver": solver, "loss": loss, "occupancy_groups": occupancy_groups,
-        "resolution_groups": resolution_groups, "resolution_start": resolutions or "uniform",
+        "resolution_groups": resolution_groups, "resolution_start": "scan" if "res" in parameters and resolutions in (None, "scan") else "uniform",
         "result": result.result, "n_steps": result.n_steps, "map_weight": result.map_weight,
         "time": float(h["time"][-1]) if len(h["time"]) else 0.0,
         "before": before, "after": after,

@@ -487,11 +487,13 @@ def refine(
       per-atom resolutions unless `resolutions` is given).
     - `refine`: any of `"xyz"`, `"b"`, `"occ"`, `"res"`, `"rigid"` (one rigid body per chain, or
       per `rigid_groups`).
-    - `resolutions`: per-atom starting resolutions (Å) for the shell-decomposition model map, or
-      `"scan"` (with `"res"` refined): start each residue (or resolution group) at the uniform
-      resolution in `resolution ± d_margin` (0.5 Å steps, above the grid's Nyquist limit) whose
-      model map correlates best with the target near its atoms (`modelmap.refine._scan`: the fit
-      is not convex in a region's resolution, so a uniform start can descend the wrong way).
+    - `resolutions`: per-atom starting resolutions (Å) for the shell-decomposition model map (a
+      number or one per atom: gradient refinement starts there), or `"scan"`: start each residue
+      (or resolution group) at the uniform resolution in `resolution ± d_margin` (0.5 Å steps,
+      above the grid's Nyquist limit) whose model map correlates best with the target near its
+      atoms (`modelmap.refine._scan`: the fit is not convex in a region's resolution, so a uniform
+      start can descend the wrong way). Default (`None`): `"scan"` when `"res"` is refined, else
+      `resolution` for every atom.
     - `restraints`: `True` builds them from the chemical library (`build_restraints`; needs an
       `AtomicModel` and biotite), a `Restraints` uses those, `False`/`None` refines unrestrained.
     - `loss`: `"ls"` (least squares with a fitted scale and offset), `"cc"` (1 − CC) or `"q"`
@@ -575,6 +577,8 @@ def refine(
         from ..shells import get_shell_table
         from ..volumes._shell_decomposition import DEFAULT_SHELL_TERMS
 
+        if resolutions is None and "res" in refine:
+            resolutions = "scan"
         scan = isinstance(resolutions, str)
         if scan and (resolutions != "scan" or "res" not in refine):
             raise ValueError("resolutions must be a number, one per atom, or 'scan' (with 'res' refined)")
