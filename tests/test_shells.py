@@ -3,6 +3,7 @@ shipped tables, the volume and the renderer, each against an independent referen
 quadrature, direct radial convolution, the exact Leibniz D-derivative, float64 finite differences,
 the NUFFT Fourier map)."""
 
+import dataclasses
 import importlib.util
 
 import equinox as eqx
@@ -331,6 +332,25 @@ def _fourier_map(atoms, grid, d, padding=None):
 def _shell_map(atoms, grid, d, n_terms):
     vol = mm.ShellDecompositionVolume.from_atoms(atoms, d, n_terms=n_terms)
     return np.asarray(mm.ShellRenderFn(grid)(vol), np.float64)
+
+
+def test_threads_split_the_atoms_and_add_up_to_one_computation():
+    vol = _small_volume(jnp.float32)
+    grid = mm.Grid((24, 24, 24), 0.5)
+    one = mm.ShellRenderFn(grid, chunk_size=2, threads=1).with_plan(vol)
+    three = dataclasses.replace(one, threads=3)
+    # every atom is rendered by exactly one part, and the parts share one shape (one compilation)
+    parts = one.plan.split(3)
+    live = np.concatenate([np.asarray(b.indices)[np.asarray(b.mask)] for p in parts for b in p.buckets])
+    assert sorted(live.tolist()) == list(range(6))
+    assert len({tuple(b.indices.shape for b in p.buckets) for p in parts}) == 1
+    single = np.asarray(one(vol))
+    np.testing.assert_allclose(np.asarray(three(vol)), single, rtol=0, atol=1e-6 * np.abs(single).max())
+    # under jit the call is one computation whatever `threads` says
+    np.testing.assert_allclose(np.asarray(eqx.filter_jit(lambda v: three(v))(vol)), single, rtol=0,
+                               atol=1e-6 * np.abs(single).max())
+    with pytest.raises(ValueError, match="threads"):
+        mm.ShellRenderFn(grid, threads=0)
 
 
 def test_three_atoms_in_a_box_are_the_sum_of_their_exact_images():

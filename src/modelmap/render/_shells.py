@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import math
+import os
 
 import equinox as eqx
 import jax
@@ -195,6 +198,10 @@ class ShellRenderFn(AbstractRenderFn):
     - `profile_nodes`: nodes of each atom's radial profile table for the fast float32 map and its
       gradients (`ShellProfileKernel`), set by `with_plan`; `None` evaluates every term at every
       voxel. Float64 maps always use the exact terms.
+    - `threads`: a concrete call on the CPU deals the atoms' chunks over this many threads, each
+      rendering its share as its own computation (XLA runs one computation on one core); the maps
+      are summed. `None`: the cores this process may use, at most 8. Traced calls (under
+      jit/grad/vmap) and other devices render in one computation.
     """
 
     grid: Grid = eqx.field(static=True)
@@ -202,10 +209,13 @@ class ShellRenderFn(AbstractRenderFn):
     chunk_size: int = eqx.field(static=True, default=64)
     plan: WindowPlan | None = None
     profile_nodes: int | None = eqx.field(static=True, default=None)
+    threads: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.n_sigma <= 0:
             raise ValueError("n_sigma must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
 
     def with_plan(
         self, volume: ShellDecompositionVolume, b_margin: float = 0.0, d_margin: float = 0.0
@@ -248,7 +258,27 @@ class ShellRenderFn(AbstractRenderFn):
             raise ValueError(
                 f"the window plan is for {plan.n_sources} atoms, the volume has {volume.positions.shape[0]}"
             )
-        return _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, plan, volume)
+        parts = _cpu_threads(self.threads, volume)
+        if parts == 1:
+            return _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, plan, volume)
+        with concurrent.futures.ThreadPoolExecutor(parts) as pool:
+            maps = list(pool.map(
+                lambda part: jax.block_until_ready(
+                    _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, part, volume)),
+                plan.split(parts),
+            ))
+        return functools.reduce(jnp.add, maps)
+
+
+def _cpu_threads(threads: int | None, volume: ShellDecompositionVolume) -> int:
+    """How many threads render a call: 1 when traced or off the CPU, else `threads` (default: the
+    cores this process may use, at most 8)."""
+    if is_traced(volume) or any(d.platform != "cpu" for d in volume.positions.devices()):
+        return 1
+    if threads is not None:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
 
 
 def _window_corner(grid: Grid, plan: WindowPlan) -> float:

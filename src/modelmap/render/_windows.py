@@ -64,6 +64,27 @@ class WindowPlan(eqx.Module):
     def n_sources(self) -> int:
         return self.max_variance.shape[0]
 
+    def split(self, parts: int) -> tuple["WindowPlan", ...]:
+        """The plan's chunks dealt into `parts` plans of one shape (concrete; call outside `jit`).
+
+        Every bucket's chunks are cut into `parts` runs of equal length, the last ones padded with
+        masked chunks, so each part renders a disjoint share of the sources, the parts' maps add up
+        to the whole map, and every part compiles to the same computation.
+        """
+        if parts < 1:
+            raise ValueError(f"parts must be at least 1, got {parts}")
+        out: list[list[WindowBucket]] = [[] for _ in range(parts)]
+        for b in self.buckets:
+            idx, mask = np.asarray(b.indices), np.asarray(b.mask)
+            q = -(-idx.shape[0] // parts)
+            pad = q * parts - idx.shape[0]
+            idx = np.concatenate([idx, np.broadcast_to(idx[:1], (pad, idx.shape[1]))])
+            mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+            for p in range(parts):
+                run = slice(p * q, (p + 1) * q)
+                out[p].append(WindowBucket(b.half_width, jnp.asarray(idx[run]), jnp.asarray(mask[run])))
+        return tuple(WindowPlan(tuple(bs), self.max_variance, self.n_sigma, self.pad) for bs in out)
+
     @property
     def covered_radius(self) -> Float[Array, " n"]:
         """`(n,)` the radius (Å) of the ball around each source that its window holds."""
