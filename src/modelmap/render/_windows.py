@@ -327,13 +327,23 @@ def _bucket_splatter(
             # the VJP of the forward kernel's own (table) values: the cotangent windows are reduced
             # to per-source table cotangents and position gradients, then pulled back through
             # `tables`, so no per-voxel work is differentiated
+            # one source at a time, as the forward adds them: a vmap over the chunk would turn the
+            # window slices and table look-ups into batched gathers, several times slower on the CPU
             p, mk, *s = args
             start, offsets, live = window_geometry(p, mk)
             tables, pull = jax.vjp(forward_kernel.tables, *s)
-            gw = jnp.where(live[:, None, None, None], gather(start).astype(p.dtype), 0)
-            ct_tables, g_offsets = jax.vmap(forward_kernel.cotangents)(*offsets, *tables, gw)
+
+            def body(i, acc):
+                cts, gos = acc
+                gw = lax.dynamic_slice(g, (start[i, 0], start[i, 1], start[i, 2]), (wz, wy, wx))
+                gw = jnp.where(live[i], gw.astype(p.dtype), 0)
+                ct, go = forward_kernel.cotangents(*(o[i] for o in offsets), *(t[i] for t in tables), gw)
+                return tuple(a.at[i].set(c) for a, c in zip(cts, ct)), gos.at[i].set(go)
+
+            init = (tuple(jnp.zeros_like(t) for t in tables), jnp.zeros(p.shape, p.dtype))
+            ct_tables, g_offsets = lax.fori_loop(0, p.shape[0], body, init)
             # offsets are (voxel − position): d offset / d position = −1 along each axis
-            return None, (-g_offsets, *pull(tuple(ct_tables)))
+            return None, (-g_offsets, *pull(ct_tables))
 
         if forward_kernel is not None and hasattr(forward_kernel, "cotangents"):
             chunk_grad = chunk_grad_tables  # noqa: F811
