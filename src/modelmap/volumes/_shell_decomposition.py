@@ -34,6 +34,12 @@ class ShellDecompositionVolume(AbstractVolume):
     ripple: 0.6 % of the peak for K = 6, 0.1 % for K = 16 (spec §7.1). The last kept term has
     weight w = 1/2 (a Cesàro taper, so that Σ C stays near f(0); spec §7.4), the others 1.
 
+    Against the Fourier map the L2 error falls only as ~1/√R_cut: the dropped ripples decay as
+    1/r², so the energy beyond R_cut goes as 1/R_cut. It matters where the atoms' transforms are
+    still large at |s| = 1/D (low B/D²): 7CEC at 3.9 Å correlates with its Fourier map at CC 0.9989
+    (K = 6) and 0.9996 (K = 12), but the low-B (3.6-44 Å²) 3ajo at 1.75 Å only at 0.9971 (K = 6),
+    0.9980 (K = 8), 0.9988 (K = 12) and 0.9996 (K = 23) (`benchmarks/shells_convergence.py`).
+
     Every leaf is differentiable: positions, B, occupancies and per-atom resolutions D
     (through the cubic Hermite interpolation of the table in D and the exact ρ0(D)).
 
