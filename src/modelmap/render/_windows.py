@@ -326,9 +326,9 @@ def _bucket_splatter(
         def chunk_grad_tables(_, args):
             # the VJP of the forward kernel's own (table) values: the cotangent windows are reduced
             # to per-source table cotangents and position gradients, then pulled back through
-            # `tables`, so no per-voxel work is differentiated
-            # one source at a time, as the forward adds them: a vmap over the chunk would turn the
-            # window slices and table look-ups into batched gathers, several times slower on the CPU
+            # `tables`, so no per-voxel work is differentiated. One source at a time, as the forward
+            # adds them: a vmap over the chunk would turn the window slices and table look-ups into
+            # batched gathers, several times slower on the CPU
             p, mk, *s = args
             start, offsets, live = window_geometry(p, mk)
             tables, pull = jax.vjp(forward_kernel.tables, *s)
