@@ -273,9 +273,11 @@ class ShellRenderFn(AbstractRenderFn):
 def _cpu_threads(threads: int | None, volume: ShellDecompositionVolume) -> int:
     """How many threads render a call: 1 when traced or off the CPU, else `threads` (default: the
     cores this process may use, at most 8)."""
+    if is_traced(volume):  # first: a tracer is a jax.Array too, without devices
+        return 1
     pos = volume.positions
     devices = pos.devices() if isinstance(pos, jax.Array) else {jax.devices()[0]}  # numpy: the default device
-    if is_traced(volume) or any(d.platform != "cpu" for d in devices):
+    if any(d.platform != "cpu" for d in devices):
         return 1
     if threads is not None:
         return threads
