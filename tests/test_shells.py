@@ -346,6 +346,9 @@ def test_threads_split_the_atoms_and_add_up_to_one_computation():
     assert len({tuple(b.indices.shape for b in p.buckets) for p in parts}) == 1
     single = np.asarray(one(vol))
     np.testing.assert_allclose(np.asarray(three(vol)), single, rtol=0, atol=1e-6 * np.abs(single).max())
+    # a volume of numpy arrays is on the default device (the CPU here): dealt over threads too
+    with_numpy = eqx.tree_at(lambda v: v.positions, vol, np.asarray(vol.positions))
+    np.testing.assert_allclose(np.asarray(three(with_numpy)), single, rtol=0, atol=1e-6 * np.abs(single).max())
     # under jit the call is one computation whatever `threads` says
     np.testing.assert_allclose(np.asarray(eqx.filter_jit(lambda v: three(v))(vol)), single, rtol=0,
                                atol=1e-6 * np.abs(single).max())
