@@ -258,15 +258,14 @@ class ShellRenderFn(AbstractRenderFn):
             raise ValueError(
                 f"the window plan is for {plan.n_sources} atoms, the volume has {volume.positions.shape[0]}"
             )
+        def render(p: WindowPlan):
+            return _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, p, volume)
+
         parts = _cpu_threads(self.threads, volume)
         if parts == 1:
-            return _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, plan, volume)
+            return render(plan)
         with concurrent.futures.ThreadPoolExecutor(parts) as pool:
-            maps = list(pool.map(
-                lambda part: jax.block_until_ready(
-                    _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, part, volume)),
-                plan.split(parts),
-            ))
+            maps = list(pool.map(lambda p: jax.block_until_ready(render(p)), plan.split(parts)))
         return functools.reduce(jnp.add, maps)
 
 
