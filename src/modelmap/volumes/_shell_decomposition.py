@@ -40,8 +40,8 @@ class ShellDecompositionVolume(AbstractVolume):
     (K = 6) and 0.9996 (K = 12), but the low-B (3.6-44 Å²) 3ajo at 1.75 Å only at 0.9971 (K = 6),
     0.9980 (K = 8), 0.9988 (K = 12) and 0.9996 (K = 23) (`benchmarks/shells_convergence.py`).
     That is a bound on any finite window, not a defect of the fit: 3ajo's *exact* atomic images,
-    each cut at the radius K = 6 evaluates (R_cut + 0.6 D = 3.6 D), correlate at 0.9978, and at
-    6.6 D (K = 12) at 0.9990; 7CEC's at 0.9996 and 0.9999.
+    each cut at the radius K = 6 evaluates at B = 0 (R_cut + 0.6 D = 3.6 D), correlate at 0.9978,
+    and at 6.6 D (K = 12) at 0.9990; 7CEC's at 0.9996 and 0.9999.
 
     Every leaf is differentiable: positions, B, occupancies and per-atom resolutions D
     (through the cubic Hermite interpolation of the table in D and the exact ρ0(D)).
