@@ -39,9 +39,10 @@ class ShellDecompositionVolume(AbstractVolume):
     still large at |s| = 1/D (low B/D²): 7CEC at 3.9 Å correlates with its Fourier map at CC 0.9989
     (K = 6) and 0.9996 (K = 12), but the low-B (3.6-44 Å²) 3ajo at 1.75 Å only at 0.9971 (K = 6),
     0.9980 (K = 8), 0.9988 (K = 12) and 0.9996 (K = 23) (`benchmarks/shells_convergence.py`).
-    That is a bound on any finite window, not a defect of the fit: 3ajo's *exact* atomic images,
+    For 3ajo that is mostly the bound any finite window has: its *exact* atomic images,
     each cut at the radius K = 6 evaluates at B = 0 (R_cut + 0.6 D = 3.6 D), correlate at 0.9978,
-    and at 6.6 D (K = 12) at 0.9990; 7CEC's at 0.9996 and 0.9999.
+    and at 6.6 D (K = 12) at 0.9990 (7CEC's at 0.9996 and 0.9999: at its B/D², more of the shell
+    map's error is the truncation of blurred terms inside the window).
 
     Every leaf is differentiable: positions, B, occupancies and per-atom resolutions D
     (through the cubic Hermite interpolation of the table in D and the exact ρ0(D)).
