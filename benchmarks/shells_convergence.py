@@ -8,9 +8,9 @@ only CC 0.99986 to the exact infinite-space sum). For K = 3, 5, 6, 8, 12, 16 pri
 max |shells - fourier| / max(fourier), and the render time of each.
 
 It also prints the bound that any renderer with a finite window per atom has: the *exact* atomic
-images (float64 quadrature of the same gemmi electron factors with each atom's B, hard sphere
-|s| <= 1/D) summed over a ball of radius R around each atom, for R = 3.6 D (the window the shell map
-evaluates at K = 6: R_cut + 0.6 D at B = 0), 4, 6.6 (K = 12) and 8 D. What is dropped beyond R is
+images (`modelmap.scattering.atomic_image`: float64 quadrature of the electron factors with each
+atom's B, hard sphere |s| <= 1/D) summed over a ball of radius R around each atom, for R = 3.6 D
+(the window the shell map evaluates at K = 6: R_cut + 0.6 D at B = 0), 4, 6.6 (K = 12) and 8 D. What is dropped beyond R is
 the ripple tail ~cos(2 pi r / D) / r^2, whose L2 energy falls only as 1/R; a sharp map (small
 B / D^2) keeps much of its energy there.
 
@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 import modelmap as mm
+from modelmap.scattering import atomic_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fourier import DATA, REPO  # noqa: E402
@@ -51,16 +52,9 @@ def exact_images_cut(atoms, grid, d: float, windows: list[float]) -> list[np.nda
     radii = [w * d for w in windows]
     r_max, dr = max(radii), 0.002
     r_tab = np.arange(0.0, r_max + 3 * dr, dr)
-    # f(s) exp(-B s^2 / 4) on Gauss-Legendre nodes of [0, 1/d]; rho(r) = (2/r) int s f sin(2 pi s r) ds
-    x, w = np.polynomial.legendre.leggauss(600)
-    s, w = 0.5 / d * (x + 1), 0.5 / d * w
-    elements = {int(e): gemmi.Element(int(e)).c4322 for e in np.unique(z)}
-    f = np.stack([sum(a * np.exp(-b * s**2 / 4) for a, b in zip(elements[e].a, elements[e].b)) for e in z])
-    f *= np.exp(-b_atom[:, None] * s**2 / 4)
-    kernel = np.empty((r_tab.size, s.size))
-    kernel[0] = 4 * np.pi * s**2
-    kernel[1:] = 2.0 / r_tab[1:, None] * np.sin(2 * np.pi * np.outer(r_tab[1:], s)) * s
-    profiles = (kernel * w) @ f.T  # (r, atom)
+    profiles = np.empty((pos.shape[0], r_tab.size))  # (atom, r), float64 quadrature per atom's B
+    for e in np.unique(z):
+        profiles[z == e] = atomic_image(int(e), r_tab, d, b_atom[z == e])
     voxel, origin = np.asarray(grid.voxel_size), np.asarray(grid.origin)
     top = np.array(grid.shape[::-1]) - 1
     maps = [np.zeros(grid.shape) for _ in radii]
@@ -73,7 +67,7 @@ def exact_images_cut(atoms, grid, d: float, windows: list[float]) -> list[np.nda
         ix, iy, iz = (np.arange(lo[a], hi[a] + 1) for a in range(3))
         d2 = [(origin[a] + idx * voxel[a] - pos[j, a]) ** 2 for a, idx in enumerate((ix, iy, iz))]
         r = np.sqrt(d2[2][:, None, None] + d2[1][None, :, None] + d2[0][None, None, :])
-        v = occ[j] * np.interp(r, r_tab, profiles[:, j])
+        v = occ[j] * np.interp(r, r_tab, profiles[j])
         box = (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
         for m, radius in zip(maps, radii):
             m[box] += np.where(r <= radius, v, 0.0)
@@ -87,7 +81,7 @@ def main():
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "shells_convergence.json")
     args = parser.parse_args()
     terms = [int(k) for k in args.terms.split(",")]
-    windows = [float(w) for w in args.windows.split(",")] if args.windows else []
+    windows = [float(w) for w in args.windows.split(",")]
     rows = []
     for name, model_file, map_file, d in CASES:
         atoms = mm.read_model(DATA / model_file).atoms
@@ -106,7 +100,7 @@ def main():
             rows.append(row)
             print(f"{name:>13} D={d:<5} K={k:>2}  CC {row['cc']:.6f}  max|diff|/max {row['max_rel_diff']:.2e}  "
                   f"({seconds:.1f} s incl. compile)", flush=True)
-        for w, m in zip(windows, exact_images_cut(atoms, grid, d, windows) if windows else []):
+        for w, m in zip(windows, exact_images_cut(atoms, grid, d, windows)):
             row = {"case": name, "atoms": int(atoms.n_atoms), "resolution": d, "exact_images_window": w,
                    "cc": float(np.corrcoef(m.ravel(), ref.ravel())[0, 1]),
                    "max_rel_diff": float(np.max(np.abs(m - ref)) / np.max(ref))}

@@ -36,3 +36,25 @@ def test_unknown_element_is_named():
         t.check_elements(np.array([6, 0, 8]))
     with pytest.raises(mm.UnknownElementError, match="99"):
         t.check_elements(np.array([99]))
+
+
+def test_atomic_image_of_several_b_equals_adaptive_quadrature():
+    from scipy.integrate import quad
+
+    from modelmap.scattering import atomic_image
+
+    d, b_values, r = 2.5, np.array([0.0, 20.0, 80.0]), np.array([0.0, 0.7, 3.1])
+    images = atomic_image(8, r, d, b_values)
+    assert images.shape == (3, 3)
+    coef = gemmi.Element("O").c4322
+    for b, row in zip(b_values, images):
+        np.testing.assert_allclose(row, atomic_image(8, r, d, float(b)), rtol=1e-13)  # one B at a time
+
+        def f(s, b=b):
+            return sum(a * np.exp(-bb * s * s / 4) for a, bb in zip(coef.a, coef.b)) * np.exp(-b * s * s / 4)
+
+        peak = 4 * np.pi * quad(lambda s: s * s * f(s), 0, 1 / d, epsabs=1e-14, epsrel=1e-11)[0]
+        assert row[0] == pytest.approx(peak, rel=1e-10)
+        for x, got in zip(r[1:], row[1:]):
+            ref = 2 / x * quad(lambda s: s * f(s) * np.sin(2 * np.pi * s * x), 0, 1 / d, epsabs=1e-14, epsrel=1e-11)[0]
+            assert got == pytest.approx(ref, rel=1e-9, abs=1e-12 * peak)

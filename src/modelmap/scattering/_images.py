@@ -36,11 +36,11 @@ def atomic_image(
     - `atomic_number`: Z of the atom.
     - `r`: distances from the atom in Å (array-like).
     - `resolution`: D in Å.
-    - `b_factor`: B in Å².
+    - `b_factor`: B in Å², a number or an array of them (one image per B, same quadrature).
     - `table`: `"electron"` (Å⁻²) or `"xray"` (e/Å³).
     - `n_nodes`: quadrature nodes.
 
-    **Returns:** ρ(r) as a float64 array of r's shape.
+    **Returns:** ρ(r) as a float64 array of shape `b_factor.shape + r.shape`.
     """
     a_all, b_all, _ = _coefficients(table)
     a, b = a_all[atomic_number], b_all[atomic_number]
@@ -48,12 +48,14 @@ def atomic_image(
     smax = 1.0 / resolution
     s = 0.5 * smax * (x + 1)
     w = 0.5 * smax * w
-    f = np.sum(a[:, None] * np.exp(-b[:, None] * s[None] ** 2 / 4), axis=0) * np.exp(-b_factor * s**2 / 4)
+    b_atom = np.asarray(b_factor, np.float64)
+    f = np.sum(a[:, None] * np.exp(-b[:, None] * s[None] ** 2 / 4), axis=0) * np.exp(-b_atom[..., None] * s**2 / 4)
+    f = f.reshape(-1, s.size).T  # (nodes, images)
     r = np.asarray(r, np.float64)
     flat = r.reshape(-1)
-    out = np.empty_like(flat)
+    out = np.empty((flat.size, f.shape[1]))
     small = np.abs(flat) < 1e-12
-    out[small] = 4 * np.pi * np.sum(w * s**2 * f)
+    out[small] = 4 * np.pi * ((w * s**2) @ f)
     rr = flat[~small]
-    out[~small] = 2.0 / rr * (np.sin(2 * np.pi * np.outer(rr, s)) @ (w * s * f))
-    return out.reshape(r.shape)
+    out[~small] = 2.0 / rr[:, None] * (np.sin(2 * np.pi * np.outer(rr, s)) @ ((w * s)[:, None] * f))
+    return out.T.reshape(b_atom.shape + r.shape)
