@@ -5,7 +5,7 @@ grid with 5 Å padding (`Grid.around_positions`), electron factors, each atom's 
 
 - modelmap `NufftRenderFn` ("point" sampling, eps 1e-6, default internal padding 3 D): the first
   call (trace + compile + run) and the median of `--repeats` further calls; also `value_and_grad`
-  of a CC loss with respect to the volume (positions, weights, B).
+  of a CC loss with respect to the volume (positions, B, occupancies, resolution).
 - gemmi's FFT route on the same padded box: `DensityCalculatorE` (direct summation with a blur
   chosen so that aliasing is below 1e-6 at |s| <= 1/D), `numpy.fft.rfftn`, un-blur, hard cut at
   1/D, `irfftn`; timed as a whole, and the density step alone.
@@ -92,7 +92,7 @@ def gemmi_fourier_route(structure, atoms_kept, render_fn, blur):
     sy = np.fft.fftfreq(ny, vy)[None, :, None]
     sz = np.fft.rfftfreq(nz, vz)[None, None, :]
     s2 = sx**2 + sy**2 + sz**2
-    f *= np.exp(blur * s2 / 4) * (s2 <= (1 + 1e-12) / render_fn.resolution**2)
+    f *= np.exp(blur * s2 / 4) * (s2 <= (1 + 1e-12) / render_fn.resolution_range[0] ** 2)
     rho = np.fft.irfftn(f, s=(nx, ny, nz)).transpose(2, 1, 0)
     gz, gy, gx = grid.shape
     return rho[pz : pz + gz, py : py + gy, px : px + gx], t_density
@@ -115,9 +115,9 @@ def run_size(label, repeats):
         atoms = jax.tree_util.tree_map(lambda x: x[:n_keep], atoms)
         kept = kept[:n_keep]
     grid = mm.Grid.around_positions(atoms.positions, 1.0, 5.0)
-    vol = mm.IndependentAtomVolume.from_atoms(atoms)
+    vol = mm.IndependentAtomVolume.from_atoms(atoms, RESOLUTION)
     t0 = time.perf_counter()
-    render_fn = mm.NufftRenderFn(grid, RESOLUTION).with_plan(vol, b_margin=10.0)
+    render_fn = mm.NufftRenderFn(grid).with_plan(vol, b_margin=10.0)
     t_plan = time.perf_counter() - t0
     fwd = eqx.filter_jit(lambda r, v: r(v))
     first, median = _timed(lambda: fwd(render_fn, vol), repeats)

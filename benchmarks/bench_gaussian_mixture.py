@@ -5,9 +5,9 @@ all 17,561 atoms of 7CEC, and all 26,430 atoms of 4YVS, from the shared data fol
 
 - modelmap `GaussianMixtureRenderFn` with sampling "average" (exact voxel means) and "point"
   (values at grid points): the forward map, and `value_and_grad` of a CC loss (negative Pearson
-  correlation with a fixed target map) with respect to the volume's positions, amplitudes and
-  variances. The target is modelmap's "average" map of the same atoms moved by 0.5 Å rms
-  Gaussian noise (seed 0).
+  correlation with a fixed target map) with respect to the volume's positions, B, occupancies,
+  resolution (D = 0 here: no blur) and form-factor amplitudes and widths. The target is
+  modelmap's "average" map of the same atoms moved by 0.5 Å rms Gaussian noise (seed 0).
 - gemmi `DensityCalculatorE.put_model_density_on_grid` (direct summation, blur 0) on the same
   atoms and grid points: the atoms are shifted by -grid.origin into a P1 cell larger than the box
   (by gemmi's own largest atom radius, so nothing wraps into the box), with the grid size set so

@@ -93,7 +93,7 @@ def _noisy_start(atoms, seed=0):
 
 def case_xyz_b(model, density, steps):
     truth = model.atoms
-    target = NufftRenderFn(density.grid, 3.0)(IndependentAtomVolume.from_atoms(truth))
+    target = NufftRenderFn(density.grid)(IndependentAtomVolume.from_atoms(truth, 3.0))
     pos, b = _noisy_start(truth)
     start = model.replace(atoms=Atoms(pos, truth.atomic_numbers, b, truth.occupancies))
     restraints = build_restraints(model)
@@ -145,8 +145,8 @@ def case_occ(model, density, steps):
     resn = np.asarray(model.labels.residue_number)
     half = resn % 10 == 0
     occ_true = np.where(half, 0.5, 1.0)
-    target = NufftRenderFn(density.grid, 3.0)(IndependentAtomVolume.from_atoms(
-        Atoms(truth.positions, truth.atomic_numbers, truth.b_factors, occ_true)))
+    target = NufftRenderFn(density.grid)(IndependentAtomVolume.from_atoms(
+        Atoms(truth.positions, truth.atomic_numbers, truth.b_factors, occ_true), 3.0))
     residues = np.unique(resn)
     half_res = residues % 10 == 0
 
@@ -312,7 +312,7 @@ def main():
     target = None
     if "xyz+b" in cases or "b" in cases or args.servalcat:
         truth = model.atoms
-        target = NufftRenderFn(density.grid, 3.0)(IndependentAtomVolume.from_atoms(truth))
+        target = NufftRenderFn(density.grid)(IndependentAtomVolume.from_atoms(truth, 3.0))
     if "xyz+b" in cases:
         row, target = case_xyz_b(model, density, args.steps)
         rows.append(row)

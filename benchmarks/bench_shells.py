@@ -89,8 +89,8 @@ def run_size(label, terms, repeats):
     vg = _cc_loss(shell_fn, target)
     row["shells_value_and_grad_first_s"], row["shells_value_and_grad_s"] = _timed(lambda: vg(shells), repeats)
 
-    fourier = mm.IndependentAtomVolume.from_atoms(atoms)
-    nufft_fn = mm.NufftRenderFn(grid, RESOLUTION).with_plan(fourier, b_margin=10.0)
+    fourier = mm.IndependentAtomVolume.from_atoms(atoms, RESOLUTION)
+    nufft_fn = mm.NufftRenderFn(grid).with_plan(fourier, b_margin=10.0)
     row["nufft_first_s"], row["nufft_forward_s"] = _timed(lambda: fwd(nufft_fn, fourier), repeats)
     ref = np.asarray(fwd(nufft_fn, fourier), np.float64)
     vg_n = _cc_loss(nufft_fn, target)

@@ -86,7 +86,7 @@ def main():
     for name, model_file, map_file, d in CASES:
         atoms = mm.read_model(DATA / model_file).atoms
         grid = mm.read_map(DATA / map_file).grid
-        ref = np.asarray(mm.NufftRenderFn(grid, d, padding=20.0)(mm.IndependentAtomVolume.from_atoms(atoms)), np.float64)
+        ref = np.asarray(mm.NufftRenderFn(grid, padding=20.0)(mm.IndependentAtomVolume.from_atoms(atoms, d)), np.float64)
         for k in terms:
             vol = mm.ShellDecompositionVolume.from_atoms(atoms, d, n_terms=k)
             t0 = time.perf_counter()

@@ -3,6 +3,7 @@ local CCs, and the differentiable JAX path."""
 
 from __future__ import annotations
 
+import math
 import equinox as eqx
 import gemmi
 import jax
@@ -526,7 +527,7 @@ def test_gradient_with_respect_to_positions_through_render_equals_finite_differe
     blur = mm.resolution_to_blur(2.5)
 
     def volume(a):
-        return mm.GaussianMixtureVolume.from_atoms(a, table, extra_b=blur)
+        return mm.GaussianMixtureVolume.from_atoms(a, math.sqrt(blur / 4), table)
 
     render_fn = mm.GaussianMixtureRenderFn(grid, sampling="point").with_plan(volume(atoms), b_margin=1.0)
     moved = eqx.tree_at(lambda a: a.positions, atoms, atoms.positions + rng.normal(0, 0.4, (n, 3)))

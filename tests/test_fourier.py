@@ -48,7 +48,7 @@ def test_exact_image_integrates_to_f0_and_matches_its_limit():
 def _direct_synthesis(render_fn, pos, z, b, occ, table="electron"):
     """Explicit Fourier sum over the same periodic (padded) box, float64."""
     grid = render_fn.grid
-    d = render_fn.resolution
+    d = render_fn.resolution_range[0]
     (nz, ny, nx), (pz, py, px) = render_fn.padded_shape()
     vx, vy, vz = grid.voxel_size
     o = np.asarray(grid.origin) - np.array([px * vx, py * vy, pz * vz])
@@ -77,8 +77,8 @@ def test_equals_direct_fourier_synthesis(table):
     occ = np.array([1.0, 0.7, 0.5, 1.0, 0.3])
     atoms = mm.Atoms(jnp.asarray(pos), z, jnp.asarray(b), jnp.asarray(occ))
     grid = mm.Grid((12, 13, 14), (0.8, 1.0, 0.9), (0.0, 0.5, 1.0))
-    vol = mm.IndependentAtomVolume.from_atoms(atoms, mm.get_table(table, dtype=jnp.float64))
-    render_fn = mm.NufftRenderFn(grid, 2.7, eps=1e-10, padding=6.0)
+    vol = mm.IndependentAtomVolume.from_atoms(atoms, 2.7, mm.get_table(table, dtype=jnp.float64))
+    render_fn = mm.NufftRenderFn(grid, eps=1e-10, padding=6.0)
     ours = np.asarray(render_fn(vol))
     ref = _direct_synthesis(render_fn.with_plan(vol), pos, z, b, occ, table)
     assert np.max(np.abs(ours - ref)) <= 1e-5 * np.max(np.abs(ref))
@@ -90,10 +90,10 @@ def test_float32_default_accuracy():
     z, b, occ = np.array([6, 7, 8, 6, 16, 8]), rng.uniform(10, 90, 6), np.ones(6)
     grid = mm.Grid((12, 12, 12), 1.0)
     atoms32 = mm.Atoms(jnp.asarray(pos, jnp.float32), z, jnp.asarray(b, jnp.float32), jnp.asarray(occ, jnp.float32))
-    render_fn = mm.NufftRenderFn(grid, 3.0)
-    ours = np.asarray(render_fn(mm.IndependentAtomVolume.from_atoms(atoms32)))
+    render_fn = mm.NufftRenderFn(grid)
+    ours = np.asarray(render_fn(mm.IndependentAtomVolume.from_atoms(atoms32, 3.0)))
     assert ours.dtype == np.float32
-    ref = _direct_synthesis(render_fn.with_plan(mm.IndependentAtomVolume.from_atoms(atoms32)), pos, z, b, occ)
+    ref = _direct_synthesis(render_fn.with_plan(mm.IndependentAtomVolume.from_atoms(atoms32, 3.0)), pos, z, b, occ)
     assert np.max(np.abs(ours - ref)) <= 1e-5 * np.max(np.abs(ref))
 
 
@@ -101,8 +101,8 @@ def test_one_atom_radial_profile_is_the_exact_image():
     d, b = 3.0, 0.0
     grid = mm.Grid((48, 48, 48), 1.0, (-24.0, -24.0, -24.0))
     atoms = mm.Atoms(jnp.zeros((1, 3), jnp.float64), [6], jnp.asarray([b]), jnp.ones(1))
-    render_fn = mm.NufftRenderFn(grid, d, eps=1e-10, padding=60.0)
-    rho = np.asarray(render_fn(mm.IndependentAtomVolume.from_atoms(atoms, mm.get_table("electron", jnp.float64))))
+    render_fn = mm.NufftRenderFn(grid, eps=1e-10, padding=60.0)
+    rho = np.asarray(render_fn(mm.IndependentAtomVolume.from_atoms(atoms, d, mm.get_table("electron", jnp.float64))))
     r = np.linalg.norm(grid.coordinates(), axis=-1)
     exact = atomic_image(6, r, d, b)
     assert rho[24, 24, 24] == pytest.approx(0.304235, rel=1e-3)  # spec §3.1, C at 3 Å
@@ -117,12 +117,12 @@ def test_one_atom_radial_profile_is_the_exact_image():
 def test_average_sampling_is_the_voxel_mean():
     grid = mm.Grid((16, 16, 16), 1.0, (-8.0, -8.0, -8.0))
     atoms = mm.Atoms(jnp.asarray([[0.2, -0.3, 0.1]], jnp.float64), [8], jnp.asarray([30.0]), jnp.ones(1))
-    vol = mm.IndependentAtomVolume.from_atoms(atoms, mm.get_table("electron", jnp.float64))
+    vol = mm.IndependentAtomVolume.from_atoms(atoms, 3.0, mm.get_table("electron", jnp.float64))
     # padding 21 Å makes both boxes 60 Å periodic, so both maps are the same periodic function
-    avg = np.asarray(mm.NufftRenderFn(grid, 3.0, sampling="average", eps=1e-10, padding=21.0)(vol))
+    avg = np.asarray(mm.NufftRenderFn(grid, sampling="average", eps=1e-10, padding=21.0)(vol))
     # mean over each voxel box of the point map on an 8x finer grid (Simpson's rule on each axis)
     fine = mm.Grid((129, 129, 129), 0.125, (-8.5, -8.5, -8.5))
-    rho = np.asarray(mm.NufftRenderFn(fine, 3.0, eps=1e-10, padding=21.0)(vol))
+    rho = np.asarray(mm.NufftRenderFn(fine, eps=1e-10, padding=21.0)(vol))
     w = np.array([1, 4, 2, 4, 2, 4, 2, 4, 1]) / 24
     box = np.einsum("i,j,k,abcijk->abc", w, w, w,
                     np.lib.stride_tricks.sliding_window_view(rho, (9, 9, 9))[::8, ::8, ::8])
@@ -156,7 +156,7 @@ def _gemmi_fourier_route(structure, render_fn, blur):
     sy = np.fft.fftfreq(ny, vy)[None, :, None]
     sx = np.fft.rfftfreq(nx, vx)[None, None, :]
     s2 = sz**2 + sy**2 + sx**2
-    d = render_fn.resolution
+    d = render_fn.resolution_range[0]
     f *= np.exp(blur * s2 / 4) * (s2 <= (1 + 1e-12) / d**2)
     rho = np.fft.irfftn(f, s=(nz, ny, nx), axes=(0, 1, 2))
     gz, gy, gx = grid.shape
@@ -174,8 +174,9 @@ def _gemmi_fourier_route(structure, render_fn, blur):
 def test_agrees_with_gemmi_fft_route_on_real_maps(shared_data, model_file, map_file, d, blur):
     model = mm.read_model(shared_data / model_file)
     grid = mm.read_map(shared_data / map_file).grid
-    render_fn = mm.NufftRenderFn(grid, d)
-    ours = np.asarray(render_fn(mm.IndependentAtomVolume.from_atoms(model.atoms)), np.float64)
+    volume = mm.IndependentAtomVolume.from_atoms(model.atoms, d)
+    render_fn = mm.NufftRenderFn(grid).with_plan(volume)
+    ours = np.asarray(render_fn(volume), np.float64)
     theirs = _gemmi_fourier_route(model.structure, render_fn, blur)
     cc = np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]
     rel = np.max(np.abs(ours - theirs)) / np.max(theirs)
@@ -190,13 +191,13 @@ def test_gradients_equal_float64_central_differences():
                      jnp.asarray(rng.uniform(0.5, 1.0, n)))
     table = mm.get_table("electron", dtype=jnp.float64)
     grid = mm.Grid((12, 12, 12), 0.9)
-    render_fn = mm.NufftRenderFn(grid, 2.5, eps=1e-12, padding=5.0).with_plan(
-        mm.IndependentAtomVolume.from_atoms(atoms, table), b_margin=1.0)
+    render_fn = mm.NufftRenderFn(grid, eps=1e-12, padding=5.0).with_plan(
+        mm.IndependentAtomVolume.from_atoms(atoms, 2.5, table), b_margin=1.0)
     shifted = eqx.tree_at(lambda a: a.positions, atoms, atoms.positions + rng.normal(0, 0.4, (n, 3)))
-    target = render_fn(mm.IndependentAtomVolume.from_atoms(shifted, table))
+    target = render_fn(mm.IndependentAtomVolume.from_atoms(shifted, 2.5, table))
 
     def loss(a):
-        return -cc(render_fn(mm.IndependentAtomVolume.from_atoms(a, table)), target)
+        return -cc(render_fn(mm.IndependentAtomVolume.from_atoms(a, 2.5, table)), target)
 
     assert_gradients_match_central_differences(
         loss,
@@ -208,20 +209,24 @@ def test_gradients_equal_float64_central_differences():
 
 def test_b_outside_the_planned_range_is_an_error():
     atoms = mm.Atoms(jnp.asarray([[4.0, 4, 4]]), [6], jnp.asarray([20.0]), jnp.ones(1))
-    render_fn = mm.NufftRenderFn(mm.Grid((8, 8, 8), 1.0), 3.0).with_plan(
-        mm.IndependentAtomVolume.from_atoms(atoms), b_margin=5.0)
+    render_fn = mm.NufftRenderFn(mm.Grid((8, 8, 8), 1.0)).with_plan(
+        mm.IndependentAtomVolume.from_atoms(atoms, 3.0), b_margin=5.0)
     hot = eqx.tree_at(lambda a: a.b_factors, atoms, atoms.b_factors + 60.0)
     with pytest.raises(Exception, match="left the range"):
-        render_fn(mm.IndependentAtomVolume.from_atoms(hot)).block_until_ready()
+        render_fn(mm.IndependentAtomVolume.from_atoms(hot, 3.0)).block_until_ready()
+    # a finer resolution than planned needs more frequencies: an error, not a wrong map
+    with pytest.raises(Exception, match="finer than"):
+        render_fn(mm.IndependentAtomVolume.from_atoms(atoms, 2.5)).block_until_ready()
 
 
 def test_resolution_finer_than_nyquist_is_refused():
+    atoms = mm.Atoms(jnp.asarray([[4.0, 4, 4]]), [6], jnp.asarray([20.0]), jnp.ones(1))
     with pytest.raises(ValueError, match="Nyquist"):
-        mm.NufftRenderFn(mm.Grid((8, 8, 8), 1.0), 1.5)
+        mm.NufftRenderFn(mm.Grid((8, 8, 8), 1.0))(mm.IndependentAtomVolume.from_atoms(atoms, 1.5))
 
 
 def test_missing_jax_finufft_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax_finufft", None)
     atoms = mm.Atoms(jnp.asarray([[4.0, 4, 4]]), [6], jnp.asarray([20.0]), jnp.ones(1))
-    with pytest.raises(ImportError, match=r"modelmap\[nufft\]"):
-        mm.NufftRenderFn(mm.Grid((8, 8, 8), 1.0, (0.1, 0.0, 0.0)), 3.0)(mm.IndependentAtomVolume.from_atoms(atoms))
+    with pytest.raises(ImportError, match=r"pip install jax-finufft"):
+        mm.NufftRenderFn(mm.Grid((8, 8, 8), 1.0, (0.1, 0.0, 0.0)))(mm.IndependentAtomVolume.from_atoms(atoms, 3.0))

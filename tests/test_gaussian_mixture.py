@@ -24,9 +24,9 @@ def _atoms(n=3, seed=0, dtype=np.float64, b=(5.0, 20.0, 40.0), z=(6, 8, 16), cen
 
 def _density(points, atoms, table):
     """The mixture's density at points (..., 3), evaluated in 3-D (no separability used)."""
-    vol = mm.GaussianMixtureVolume.from_atoms(atoms, table)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, 0.0, table)
     out = np.zeros(points.shape[:-1])
-    for p, a, v in zip(np.asarray(vol.positions), np.asarray(vol.amplitudes), np.asarray(vol.variances)):
+    for p, a, v in zip(np.asarray(vol.positions), np.asarray(vol.gaussian_amplitudes()), np.asarray(vol.gaussian_variances())):
         r2 = np.sum((points - p) ** 2, axis=-1)
         for ak, vk in zip(a, v):
             out += ak * (2 * np.pi * vk) ** -1.5 * np.exp(-r2 / (2 * vk))
@@ -37,7 +37,7 @@ def test_voxel_averages_equal_dense_integration_float64():
     atoms = _atoms()
     grid = mm.Grid((12, 11, 10), (0.9, 0.85, 1.0), (0.2, 0.0, -0.3))
     table = mm.get_table("electron", dtype=jnp.float64)
-    vol = mm.GaussianMixtureVolume.from_atoms(atoms, table)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, 0.0, table)
     ours = np.asarray(mm.GaussianMixtureRenderFn(grid, sampling="average")(vol))
     # dense integration: 12-point Gauss-Legendre per axis inside every voxel box, full 3-D density
     t, w = np.polynomial.legendre.leggauss(12)
@@ -57,7 +57,7 @@ def test_point_samples_equal_the_density():
     atoms = _atoms(seed=1)
     grid = mm.Grid((10, 10, 10), 0.8, (0.5, 0.7, 1.0))
     table = mm.get_table("xray", dtype=jnp.float64)
-    vol = mm.GaussianMixtureVolume.from_atoms(atoms, table)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, 0.0, table)
     ours = np.asarray(mm.GaussianMixtureRenderFn(grid, sampling="point")(vol))
     ref = _density(grid.coordinates(), atoms, table)
     assert np.max(np.abs(ours - ref)) <= 1e-6 * ref.max()
@@ -69,7 +69,7 @@ def test_map_integral_equals_sum_of_occupancy_times_f0(dtype):
     grid = mm.Grid((24, 24, 24), 0.9, (-1.0, -1.0, -1.0))
     for table_name in ("electron", "xray"):
         table = mm.get_table(table_name, dtype=dtype)
-        vol = mm.GaussianMixtureVolume.from_atoms(atoms, table, extra_b=10.0)
+        vol = mm.GaussianMixtureVolume.from_atoms(atoms, math.sqrt(10.0 / 4), table)
         out = mm.GaussianMixtureRenderFn(grid)(vol)
         assert out.dtype == dtype
         total = float(np.sum(np.asarray(out, np.float64))) * grid.voxel_volume
@@ -118,12 +118,12 @@ def test_gradients_of_cc_loss_equal_float64_central_differences():
     rng = np.random.default_rng(5)
     shifted = eqx.tree_at(lambda a: a.positions, atoms, atoms.positions + rng.normal(0, 0.3, atoms.positions.shape))
     render_fn = mm.GaussianMixtureRenderFn(grid, n_sigma=8.0)
-    target = render_fn(mm.GaussianMixtureVolume.from_atoms(shifted, table, extra_b=30.0))
-    render_fn = render_fn.with_plan(mm.GaussianMixtureVolume.from_atoms(atoms, table, extra_b=30.0), b_margin=1.0)
+    target = render_fn(mm.GaussianMixtureVolume.from_atoms(shifted, math.sqrt(30.0 / 4), table))
+    render_fn = render_fn.with_plan(mm.GaussianMixtureVolume.from_atoms(atoms, math.sqrt(30.0 / 4), table), b_margin=1.0)
     atoms = eqx.tree_at(lambda a: a.occupancies, atoms, jnp.linspace(0.5, 1.0, atoms.n_atoms))
 
     def loss(a):
-        return -cc(render_fn(mm.GaussianMixtureVolume.from_atoms(a, table, extra_b=30.0)), target)
+        return -cc(render_fn(mm.GaussianMixtureVolume.from_atoms(a, math.sqrt(30.0 / 4), table)), target)
 
     assert_gradients_match_central_differences(
         loss,
@@ -139,14 +139,14 @@ def test_gradients_of_cc_loss_equal_float64_central_differences():
 def test_jit_vmap_and_plain_call_agree():
     atoms = _atoms(dtype=np.float32, centre=(5.0, 5.0, 5.0))
     grid = mm.Grid((14, 13, 12), 0.9)
-    vol = mm.GaussianMixtureVolume.from_atoms(atoms, extra_b=5.0)
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, math.sqrt(5.0 / 4))
     render_fn = mm.GaussianMixtureRenderFn(grid).with_plan(vol)
     plain = np.asarray(render_fn(vol))
     jitted = np.asarray(eqx.filter_jit(lambda r, v: r(v))(render_fn, vol))
     np.testing.assert_allclose(jitted, plain, rtol=1e-5, atol=1e-6 * plain.max())
     shifts = jnp.asarray([[0.0, 0, 0], [0.3, -0.2, 0.1], [-0.4, 0.5, 0.25]], jnp.float32)
     batch = eqx.tree_at(lambda v: v.positions, vol, vol.positions[None] + shifts[:, None, :])
-    in_axes = mm.GaussianMixtureVolume(0, None, None)
+    in_axes = eqx.tree_at(lambda v: v.positions, jax.tree.map(lambda _: None, vol), 0, is_leaf=lambda x: x is None)
     maps = np.asarray(jax.vmap(render_fn, in_axes=(in_axes,))(batch))
     for i in range(3):
         one = eqx.tree_at(lambda v: v.positions, vol, vol.positions + shifts[i])
@@ -161,7 +161,7 @@ def test_atoms_near_and_beyond_the_edges():
     table = mm.get_table("electron", dtype=jnp.float64)
     big = mm.Grid((30, 30, 30), 1.0, (-15.0, -15.0, -15.0))
     small = mm.Grid((8, 9, 10), 1.0, (-1.0, -3.0, 0.0))  # cuts through the atoms
-    vol = mm.GaussianMixtureVolume.from_atoms(both, table)
+    vol = mm.GaussianMixtureVolume.from_atoms(both, 0.0, table)
     m_big = np.asarray(mm.GaussianMixtureRenderFn(big)(vol))
     m_small = np.asarray(mm.GaussianMixtureRenderFn(small)(vol))
     np.testing.assert_allclose(m_small, m_big[15:23, 12:21, 14:24], atol=1e-12)
@@ -174,7 +174,10 @@ def test_ensemble_renders_the_mean_map():
     ens = jax.tree_util.tree_map(lambda x, y: jnp.stack([x, y]), a, b)
     grid = mm.Grid.around_positions(ens.positions, 1.0, 4.0)
     render = lambda atoms: np.asarray(mm.render_model(atoms, grid, 2.0))  # noqa: E731
-    np.testing.assert_allclose(render(ens), 0.5 * (render(a) + render(b)), atol=1e-12)
+    np.testing.assert_allclose(render(mm.Ensemble(ens)), 0.5 * (render(a) + render(b)), atol=1e-12)
+    # a stacked Atoms is not averaged silently: it must say which it is
+    with pytest.raises(mm.InvalidAtomsError, match="Ensemble"):
+        mm.render_model(ens, grid, 2.0)
 
 
 def test_wider_gaussian_than_planned_is_an_error():
@@ -193,7 +196,7 @@ def test_unplanned_render_under_jit_says_what_to_do():
     atoms = _atoms(dtype=np.float32)
     vol = mm.GaussianMixtureVolume.from_atoms(atoms)
     render_fn = mm.GaussianMixtureRenderFn(mm.Grid((8, 8, 8), 1.0))
-    with pytest.raises(ValueError, match="with_plan"):
+    with pytest.raises(ValueError, match=r"with_plan.*with_bounds"):
         jax.jit(lambda v: render_fn(v))(vol)
 
 

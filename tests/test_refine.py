@@ -35,8 +35,8 @@ def _helix(sequence="AAAAGAAAAAAAGAAA", b=30.0):
 
 def _target(model, resolution=3.0, voxel=1.0):
     grid = Grid.around_positions(np.asarray(model.atoms.positions), voxel_size=voxel, padding=6.0)
-    vol = IndependentAtomVolume.from_atoms(model.atoms)
-    return grid, NufftRenderFn(grid, resolution)(vol)
+    vol = IndependentAtomVolume.from_atoms(model.atoms, resolution)
+    return grid, NufftRenderFn(grid)(vol)
 
 
 def _rmsd(a, b):
@@ -83,14 +83,14 @@ def test_least_squares_gradient_matches_finite_differences():
 def test_splat_fourier_map_equals_the_nufft_fourier_map(sampling):
     model = _helix()
     grid = Grid.around_positions(np.asarray(model.atoms.positions), voxel_size=0.9, padding=5.0)
-    vol = IndependentAtomVolume.from_atoms(model.atoms)
-    ref = np.asarray(NufftRenderFn(grid, 3.0, sampling=sampling, eps=1e-8)(vol))
-    out = np.asarray(SplatFourierRenderFn(grid, 3.0, sampling=sampling)(vol))
+    vol = IndependentAtomVolume.from_atoms(model.atoms, 3.0)
+    ref = np.asarray(NufftRenderFn(grid, sampling=sampling, eps=1e-8)(vol))
+    out = np.asarray(SplatFourierRenderFn(grid, sampling=sampling)(vol))
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
     # the X-ray table and a coarser resolution too
-    vol_x = IndependentAtomVolume.from_atoms(model.atoms, table="xray")
-    ref_x = np.asarray(NufftRenderFn(grid, 4.5, sampling=sampling, eps=1e-8)(vol_x))
-    out_x = np.asarray(SplatFourierRenderFn(grid, 4.5, sampling=sampling)(vol_x))
+    vol_x = IndependentAtomVolume.from_atoms(model.atoms, 4.5, table="xray")
+    ref_x = np.asarray(NufftRenderFn(grid, sampling=sampling, eps=1e-8)(vol_x))
+    out_x = np.asarray(SplatFourierRenderFn(grid, sampling=sampling)(vol_x))
     assert np.abs(out_x - ref_x).max() <= 1e-4 * np.abs(ref_x).max()
 
 
@@ -100,14 +100,14 @@ def test_splat_fourier_gradients_match_the_nufft_route():
     a = model.atoms
     atoms = Atoms(jnp.asarray(a.positions, jnp.float64), a.atomic_numbers, jnp.asarray(a.b_factors, jnp.float64),
                   jnp.asarray(a.occupancies, jnp.float64))
-    vol = IndependentAtomVolume.from_atoms(atoms)
+    vol = IndependentAtomVolume.from_atoms(atoms, 3.0)
     rng = np.random.default_rng(2)
     w = jnp.asarray(rng.normal(size=grid.shape))
-    nufft = NufftRenderFn(grid, 3.0, eps=1e-10).with_plan(vol, b_margin=5)
-    splat = SplatFourierRenderFn(grid, 3.0, eps=1e-7).with_plan(vol, b_margin=5)
+    nufft = NufftRenderFn(grid, eps=1e-10).with_plan(vol, b_margin=5)
+    splat = SplatFourierRenderFn(grid, eps=1e-7).with_plan(vol, b_margin=5)
 
     def loss(rf, pos, b):
-        v = IndependentAtomVolume(pos, vol.weights, b, vol.atomic_numbers, vol.table)
+        v = IndependentAtomVolume(pos, b, vol.occupancies, vol.resolution, vol.atomic_numbers, vol.table)
         return jnp.sum(w * rf(v))
 
     g_ref = jax.grad(lambda p, b: loss(nufft, p, b), argnums=(0, 1))(vol.positions, vol.b_factors)
@@ -119,10 +119,10 @@ def test_splat_fourier_gradients_match_the_nufft_route():
 def test_splat_fourier_refuses_nyquist_and_traced_planning():
     grid = Grid((10, 10, 10), 1.0)
     with pytest.raises(ValueError, match="Nyquist"):
-        SplatFourierRenderFn(grid, 2.0)
-    vol = IndependentAtomVolume.from_atoms(Atoms(jnp.ones((1, 3)) * 5, [6], [20.0]))
+        SplatFourierRenderFn(grid).with_plan(IndependentAtomVolume.from_atoms(Atoms(jnp.ones((1, 3)) * 5, [6], [20.0]), 2.0))
+    vol = IndependentAtomVolume.from_atoms(Atoms(jnp.ones((1, 3)) * 5, [6], [20.0]), 3.0)
     with pytest.raises(ValueError, match="with_plan"):
-        jax.jit(lambda v: SplatFourierRenderFn(grid, 3.0)(v))(vol)
+        jax.jit(lambda v: SplatFourierRenderFn(grid)(v))(vol)
 
 
 def test_rotation_is_rodrigues():
@@ -144,11 +144,11 @@ def test_parameter_units_are_the_gauss_newton_diagonal():
     b = np.array([20.0, 60.0, 80.0, 150.0])
     pos = np.array([[0.0, 0.0, 0.0], [22.0, 0.0, 0.0], [0.0, 22.0, 0.0], [22.0, 22.0, 0.0]])
     grid = Grid.around_positions(pos, voxel_size=0.9, padding=11.0)
-    vol = IndependentAtomVolume.from_atoms(Atoms(pos, z, b, np.ones(4)))
-    render = NufftRenderFn(grid, 3.0).with_plan(vol)
+    vol = IndependentAtomVolume.from_atoms(Atoms(pos, z, b, np.ones(4)), 3.0)
+    render = NufftRenderFn(grid).with_plan(vol)
     curv = {"xyz": [], "b": [], "occ": []}
     for i in range(4):
-        for key, leaf, tangent in (("b", "b_factors", np.eye(4)[i]), ("occ", "weights", np.eye(4)[i]),
+        for key, leaf, tangent in (("b", "b_factors", np.eye(4)[i]), ("occ", "occupancies", np.eye(4)[i]),
                                    ("xyz", "positions", np.eye(4)[i][:, None] * np.array([1.0, 0, 0]))):
             def f(x, leaf=leaf):
                 return render(eqx.tree_at(lambda v: getattr(v, leaf), vol, x))

@@ -190,7 +190,7 @@ def test_d_derivative_matches_the_exact_leibniz_formula(d):
 
     def rho(dd, k):
         vol = one_atom(6, 3.0, n_terms=k)
-        vol = eqx.tree_at(lambda v: v.resolutions, vol, jnp.asarray([dd]))
+        vol = eqx.tree_at(lambda v: v.resolution, vol, jnp.asarray([dd]))
         return profile(vol, r)
 
     fs = float(mm.get_table("electron", np.float64)(6, 1.0 / d))
@@ -215,10 +215,10 @@ def _small_volume(dtype=jnp.float64, n_terms=6):
 
 def test_one_atom_on_a_grid_is_its_radial_profile():
     vol = _small_volume()
-    vol = eqx.tree_at(lambda v: (v.positions, v.resolutions), vol,
+    vol = eqx.tree_at(lambda v: (v.positions, v.resolution), vol,
                       (jnp.asarray([[6.13, 5.77, 6.41]]), jnp.asarray([2.7])))
     vol = mm.ShellDecompositionVolume(vol.positions, vol.b_factors[:1], vol.occupancies[:1],
-                                      vol.resolutions, vol.element_index[:1], vol.table, vol.n_terms)
+                                      vol.resolution, vol.element_index[:1], vol.table, vol.n_terms)
     grid = mm.Grid((40, 36, 32), (0.4, 0.45, 0.5))
     m = np.asarray(mm.ShellRenderFn(grid)(vol))
     zyx = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape], indexing="ij"), -1).reshape(-1, 3)
@@ -265,7 +265,7 @@ def test_gradients_equal_float64_central_differences():
         loss,
         vol,
         {"positions": [(0, 0), (2, 1), (5, 2)], "b_factors": [(1,), (4,)], "occupancies": [(0,), (3,)],
-         "resolutions": [(0,), (2,), (4,), (5,)]},
+         "resolution": [(0,), (2,), (4,), (5,)]},
         h=1e-6,
         rtol=1e-6,
     )
@@ -275,8 +275,8 @@ def test_float32_profile_tables_give_the_exact_gradients():
     """The float32 path renders and differentiates through per-atom radial tables (ShellProfileKernel);
     its gradients in every parameter equal the float64 exact-term gradients to ~1e-5 of their scale."""
     def one_window_size(vol):  # one resolution and similar B: a single window size, one compilation
-        return eqx.tree_at(lambda v: (v.resolutions, v.b_factors), vol,
-                           (jnp.full_like(vol.resolutions, 2.6), 20 + 0.1 * vol.b_factors))
+        return eqx.tree_at(lambda v: (v.resolution, v.b_factors), vol,
+                           (jnp.full_like(vol.resolution, 2.6), 20 + 0.1 * vol.b_factors))
 
     vol64 = one_window_size(_small_volume())
     vol32 = one_window_size(_small_volume(jnp.float32))
@@ -292,7 +292,7 @@ def test_float32_profile_tables_give_the_exact_gradients():
     g32 = grads(vol32, jnp.float32)
     g64 = grads(vol64, jnp.float64)
     assert mm.ShellRenderFn(grid).with_plan(vol32).profile_nodes is not None  # the table path is taken
-    for name in ("positions", "b_factors", "occupancies", "resolutions"):
+    for name in ("positions", "b_factors", "occupancies", "resolution"):
         a = np.asarray(getattr(g32, name), np.float64)
         b = np.asarray(getattr(g64, name))
         assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)), name
@@ -302,10 +302,10 @@ def test_growing_past_the_plan_and_bad_resolutions_are_errors():
     vol = _small_volume(jnp.float32)
     grid = mm.Grid((24, 24, 24), 0.5)
     render_fn = mm.ShellRenderFn(grid).with_plan(vol)
-    wider = eqx.tree_at(lambda v: v.resolutions, vol, vol.resolutions + 0.5)
+    wider = eqx.tree_at(lambda v: v.resolution, vol, vol.resolution + 0.5)
     with pytest.raises(Exception, match="beyond the window planned"):
         jax.block_until_ready(eqx.filter_jit(lambda v: render_fn(v))(wider))
-    outside = eqx.tree_at(lambda v: v.resolutions, vol, vol.resolutions.at[0].set(12.0))
+    outside = eqx.tree_at(lambda v: v.resolution, vol, vol.resolution.at[0].set(12.0))
     with pytest.raises(Exception, match="resolution"):
         jax.block_until_ready(eqx.filter_jit(lambda v: render_fn(v))(outside))
     atoms = mm.Atoms(jnp.zeros((2, 3)), [6, 6])
@@ -325,8 +325,8 @@ needs_nufft = pytest.mark.skipif(
 
 
 def _fourier_map(atoms, grid, d, padding=None):
-    vol = mm.IndependentAtomVolume.from_atoms(atoms)
-    return np.asarray(mm.NufftRenderFn(grid, d, sampling="point", padding=padding)(vol), np.float64)
+    vol = mm.IndependentAtomVolume.from_atoms(atoms, d)
+    return np.asarray(mm.NufftRenderFn(grid, sampling="point", padding=padding)(vol), np.float64)
 
 
 def _shell_map(atoms, grid, d, n_terms):

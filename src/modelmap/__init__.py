@@ -9,7 +9,12 @@ Conventions: Å, Å², positions `(n, 3)` x/y/z, maps `(nz, ny, nx)`, `Grid.orig
 point (0, 0, 0). See DESIGN.md.
 """
 
-from ._atoms import Atoms as Atoms, AtomLabels as AtomLabels, validate_atoms as validate_atoms
+from ._atoms import (
+    Atoms as Atoms,
+    AtomLabels as AtomLabels,
+    Ensemble as Ensemble,
+    validate_atoms as validate_atoms,
+)
 from ._errors import (
     ModelmapError as ModelmapError,
     ModelFileError as ModelFileError,
@@ -21,6 +26,12 @@ from ._errors import (
 )
 from ._grid import Grid as Grid
 from ._interpolate import interpolate_map as interpolate_map
+from ._pose import (
+    as_rotation_matrix as as_rotation_matrix,
+    euler_to_matrix as euler_to_matrix,
+    matrix_to_euler as matrix_to_euler,
+    quaternion_to_matrix as quaternion_to_matrix,
+)
 from .io import (
     AtomicModel as AtomicModel,
     DensityMap as DensityMap,
@@ -34,11 +45,16 @@ from .render import (
     AbstractRenderFn as AbstractRenderFn,
     GaussianMixtureRenderFn as GaussianMixtureRenderFn,
     NufftRenderFn as NufftRenderFn,
+    RenderBounds as RenderBounds,
     ShellRenderFn as ShellRenderFn,
+    SplatFourierRenderFn as SplatFourierRenderFn,
+    UniformWindows as UniformWindows,
     WindowPlan as WindowPlan,
     render_model as render_model,
 )
+from . import batch as batch
 from . import scores as scores
+from .batch import render_batch as render_batch
 from .scores import (
     fsc as fsc,
     local_cc as local_cc,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._errors import InvalidAtomsError
 
-__all__ = ["Atoms", "AtomLabels", "validate_atoms"]
+__all__ = ["Atoms", "AtomLabels", "Ensemble", "validate_atoms"]
 
 
 class Atoms(eqx.Module):
@@ -20,8 +21,11 @@ class Atoms(eqx.Module):
     A pytree: refine any subset of leaves by filtering (`eqx.partition`); `atomic_numbers` is an
     integer leaf and so is never selected by `eqx.is_inexact_array`.
 
-    An ensemble (a multi-model file, or a batch) stacks the leaves with a leading model axis:
-    positions `(m, n, 3)`, the others `(m, n)`.
+    Leaves may carry leading axes: `read_model` stacks the members of a multi-model file as
+    positions `(m, n, 3)`, the others `(m, n)`, and a batch of padded structures is stacked the same
+    way. What a leading axis *means* is said by the caller, never guessed: wrap members that are to
+    be averaged into one map in an `Ensemble`; render independent structures one map each with
+    `modelmap.batch` or `jax.vmap`. Volumes are built from one structure `(n, ...)` or an `Ensemble`.
 
     **Arguments:**
 
@@ -58,6 +62,72 @@ class Atoms(eqx.Module):
     @property
     def is_ensemble(self) -> bool:
         return self.positions.ndim == 3
+
+
+class Ensemble(eqx.Module):
+    """Members of one model whose maps are averaged into one map, with weights.
+
+    The map of an ensemble is `Σ_m w_m ρ_m / Σ_m w_m`, the weighted mean of its members' maps (NMR
+    models, MD frames, conformational states). It is linear in the members, so a volume of the
+    ensemble is the volume of all members' atoms with occupancies scaled by `w_m / Σ w`
+    (`mean_atoms`); the weights are a differentiable leaf (ensemble reweighting against a map).
+    Each member may differ in coordinates, B and occupancy, not in its atoms.
+
+    An ensemble is never a batch: a batch renders one map per structure (`modelmap.batch`).
+
+    **Arguments:**
+
+    - `atoms`: `Atoms` with a leading member axis: positions `(m, n, 3)`, the others `(m, n)`.
+    - `weights`: `(m,)` non-negative weights, not all 0 (default: equal).
+    """
+
+    atoms: Atoms
+    weights: Float[Array, " m"]
+
+    def __init__(self, atoms: Atoms, weights=None):
+        if atoms.positions.ndim != 3:
+            raise InvalidAtomsError(
+                f"an Ensemble needs atoms with a leading member axis (m, n, 3); got positions of shape "
+                f"{tuple(atoms.positions.shape)}"
+            )
+        m = atoms.positions.shape[0]
+        z = np.asarray(atoms.atomic_numbers) if not isinstance(atoms.atomic_numbers, jax.core.Tracer) else None
+        if z is not None and m > 1 and not (z == z[:1]).all():
+            k = int(np.flatnonzero(~(z == z[:1]).all(axis=1))[0])
+            raise InvalidAtomsError(
+                f"ensemble member {k} has different atoms from member 0 (atomic numbers differ); "
+                "members may differ in coordinates, B and occupancy only"
+            )
+        dtype = atoms.positions.dtype
+        w = jnp.ones((m,), dtype) if weights is None else jnp.asarray(weights, dtype)
+        if w.shape != (m,):
+            raise InvalidAtomsError(f"an ensemble of {m} members needs {m} weights, got shape {tuple(w.shape)}")
+        if not isinstance(w, jax.core.Tracer):
+            wn = np.asarray(w)
+            if not np.all(np.isfinite(wn)) or (wn < 0).any() or wn.sum() <= 0:
+                raise InvalidAtomsError(f"ensemble weights must be finite, >= 0 and not all 0; got {wn}")
+        self.atoms = atoms
+        self.weights = w
+
+    @property
+    def n_members(self) -> int:
+        return self.atoms.positions.shape[0]
+
+    @property
+    def n_atoms(self) -> int:
+        return self.atoms.positions.shape[1]
+
+    def mean_atoms(self) -> Atoms:
+        """The members' atoms as one structure of `m n` atoms whose occupancies are scaled by
+        `w_m / Σ w`: its map is the weighted mean map (differentiable in the weights)."""
+        a = self.atoms
+        w = self.weights / jnp.sum(self.weights)
+        return Atoms(
+            a.positions.reshape(-1, 3),
+            a.atomic_numbers.reshape(-1),
+            a.b_factors.reshape(-1),
+            (a.occupancies * w[:, None]).reshape(-1),
+        )
 
 
 def validate_atoms(atoms: Atoms, what: str = "atoms") -> Atoms:

@@ -77,8 +77,12 @@ def render_to_files(
     local_resolution: Path | None = None,
     atom_b: float = 0.0,
     n_terms: int = 6,
+    models: str | None = None,
 ) -> dict:
     """Read a model, render its map, write the map (and a ChimeraX script). Returns a summary.
+
+    A multi-model file (NMR models, MD frames) renders the mean map of its models, or of those
+    selected by `models` (model numbers as in the file: "1,3,5-8").
 
     For `method="shells"` every atom may have its own resolution: from `resolution` (one value),
     from the model's B-factor column (`resolution_from_b`; the atoms' B is then `atom_b`), or from
@@ -97,7 +101,8 @@ def render_to_files(
     else:
         grid = Grid.around_positions(model.atoms.positions, voxel_size, padding)
     grid.check_fits_in_memory()
-    atoms, per_atom = model.atoms, resolution
+    members = select_models(model, models)
+    atoms, per_atom = members, resolution
     if resolution_from_b or local_resolution is not None:
         if method != "shells":
             raise ValueError("a per-atom resolution needs --method shells")
@@ -107,6 +112,13 @@ def render_to_files(
         if resolution_from_b:
             atoms = type(atoms)(atoms.positions, atoms.atomic_numbers, np.full(atoms.b_factors.shape, atom_b, np.float32),
                                 atoms.occupancies)
+    n_models = atoms.positions.shape[0] if atoms.positions.ndim == 3 else 1
+    if n_models > 1:
+        from .._atoms import Ensemble
+
+        atoms = Ensemble(atoms)
+    elif atoms.positions.ndim == 3:
+        atoms = jax.tree.map(lambda x: x[0], atoms)
     if method == "shells":
         sampling = "point"
     data = np.asarray(
@@ -119,6 +131,7 @@ def render_to_files(
     summary = {
         "model": str(model_path),
         "atoms": int(model.n_atoms),
+        "models": n_models,
         "map": str(output),
         "grid_xyz": list(grid.shape[::-1]),
         "voxel_size": list(grid.voxel_size),
@@ -135,6 +148,34 @@ def render_to_files(
         summary["cxc"] = str(script)
         summary["contour_level"] = level
     return summary
+
+
+def select_models(model, models: str | None):
+    """The model's atoms, restricted to the members whose model numbers `models` lists ("1,3,5-8";
+    `None`: all). A selection from a single-model file, or of a number not in the file, is an error."""
+    import jax
+    import numpy as np
+
+    atoms = model.atoms
+    if models is None:
+        return atoms
+    numbers = [model.structure[i].num for i in model.model_indices]
+    wanted: list[int] = []
+    for part in models.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            wanted += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+        except ValueError:
+            raise ValueError(f"--models takes model numbers such as 1,3,5-8; got {models!r}") from None
+    missing = sorted(set(wanted) - set(numbers))
+    if missing:
+        raise ValueError(f"{model.path}: no model(s) {missing}; the file has models {numbers[0]}-{numbers[-1]}"
+                         if len(numbers) > 1 else f"{model.path} holds one model; --models selects members of an ensemble")
+    keep = np.asarray([numbers.index(w) for w in dict.fromkeys(wanted)])
+    if atoms.positions.ndim != 3:
+        return atoms
+    return jax.tree.map(lambda x: x[keep], atoms)
 
 
 def atom_resolutions(model, from_b: bool, local_resolution: Path | None):
@@ -197,8 +238,12 @@ def render(
     waters: Annotated[bool, typer.Option("--waters/--no-waters", help="Keep waters.")] = True,
     altloc: Annotated[Altloc, typer.Option("--altloc", help="all: every conformer at its occupancy; first: the first conformer only.")] = Altloc.all,
     cxc: Annotated[bool, typer.Option("--cxc/--no-cxc", help="Also write a ChimeraX script that opens model and map.")] = True,
+    models: Annotated[Optional[str], typer.Option("--models", help="Multi-model files: the models to average, by number "
+                                                  "(e.g. 1,3,5-8); default all.")] = None,
 ) -> None:
-    """Render the model map of MODEL and write it as MRC (plus a ChimeraX .cxc)."""
+    """Render the model map of MODEL and write it as MRC (plus a ChimeraX .cxc).
+
+    A multi-model file (NMR models, MD frames) renders the mean map of its models."""
     from .._errors import ModelmapError
 
     output = output or _default_output(model)
@@ -209,12 +254,13 @@ def render(
             model, resolution if resolution is not None else 0.0, output, like=like, voxel_size=voxel_size,
             padding=padding, table=table.value, method=method.value, sampling=sampling.value, hydrogens=hydrogens,
             waters=waters, altloc=altloc.value, cxc=cxc, resolution_from_b=resolution_from_b,
-            local_resolution=local_resolution, atom_b=atom_b, n_terms=terms,
+            local_resolution=local_resolution, atom_b=atom_b, n_terms=terms, models=models,
         )
     except (ModelmapError, FileExistsError, ValueError, ImportError) as err:
         _fail(str(err))
     nx, ny, nz = s["grid_xyz"]
-    typer.echo(f"read {s['model']}: {s['atoms']} atoms")
+    typer.echo(f"read {s['model']}: {s['atoms']} atoms"
+               + (f" in each of {s['models']} models (rendering their mean map)" if s["models"] > 1 else ""))
     lo, hi = s["resolution"]
     if method == Method.shells and lo != hi:
         typer.echo(f"per-atom resolution from {lo:.3g} to {hi:.3g} Å")

@@ -229,7 +229,8 @@ def _build(u: dict, args: _Args, static: _Static):
 def _model_map(pos, b, occ, res, args: _Args, static: _Static):
     if isinstance(static.render_fn, ShellRenderFn):
         return static.render_fn(_shell_volume(pos, b, occ, res, args, static))
-    vol = IndependentAtomVolume(pos, occ, b, args.atomic_numbers, args.table)
+    d = jnp.asarray(static.render_fn.resolution_range[0], pos.dtype)
+    vol = IndependentAtomVolume(pos, b, occ, d, args.atomic_numbers, args.table)
     return static.render_fn(vol)
 
 
@@ -596,13 +597,13 @@ def refine(
             scan_groups = res_groups if res_groups is not None else (
                 _parameter_groups(labels, n, "residue", "resolution_groups") if labels is not None else np.arange(n))
             res0 = jnp.asarray(scan_start(render_fn, start, data, grid, d_lo, d_hi, scan_groups, resolution), dtype)
-            start = eqx.tree_at(lambda v: v.resolutions, start, res0)
+            start = eqx.tree_at(lambda v: v.resolution, start, res0)
         table_arg = (start.table, k)
         z_arg = start.element_index
     else:
         res0 = d_lo = d_hi = None
-        start = IndependentAtomVolume.from_atoms(Atoms(pos0, atoms.atomic_numbers, b0, occ0), table)
-        render_fn = SplatFourierRenderFn(grid, float(resolution), eps=1e-3, max_buckets=3).with_plan(
+        start = IndependentAtomVolume.from_atoms(Atoms(pos0, atoms.atomic_numbers, b0, occ0), float(resolution), table)
+        render_fn = SplatFourierRenderFn(grid, eps=1e-3, max_buckets=3).with_plan(
             start, b_margin=b_margin if "b" in refine else 0.0
         )
         table_arg = start.table

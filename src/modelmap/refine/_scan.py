@@ -86,7 +86,7 @@ def scan_start(render_fn, volume, target, grid: Grid, d_lo, d_hi, groups: np.nda
     target = np.asarray(target)
     scores = np.stack([
         local_cc_per_group(target, np.asarray(render_fn(eqx.tree_at(
-            lambda v: v.resolutions, volume, jnp.full_like(volume.resolutions, c)))), voxels, vgroup, n_groups)
+            lambda v: v.resolution, volume, jnp.full_like(volume.resolution, c)))), voxels, vgroup, n_groups)
         for c in candidates
     ], axis=1)
     best = best_per_group(scores, candidates)[groups]

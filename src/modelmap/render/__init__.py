@@ -1,9 +1,9 @@
 """Render functions: turn a volume into a map on a grid."""
 
-from ._base import AbstractRenderFn as AbstractRenderFn
+from ._base import AbstractRenderFn as AbstractRenderFn, RenderBounds as RenderBounds
 from ._gaussian_mixture import GaussianMixtureRenderFn as GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn as NufftRenderFn
 from ._shells import ShellRenderFn as ShellRenderFn
 from ._splat_fourier import SplatFourierRenderFn as SplatFourierRenderFn, aliasing_blur as aliasing_blur
-from ._windows import WindowPlan as WindowPlan, WindowBucket as WindowBucket
-from ._render import render_model as render_model
+from ._windows import WindowPlan as WindowPlan, WindowBucket as WindowBucket, UniformWindows as UniformWindows
+from ._render import render_model as render_model, fourier_render_fn as fourier_render_fn

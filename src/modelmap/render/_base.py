@@ -1,10 +1,21 @@
+"""The interface every render function shares, and the bounds a plan can be declared from."""
+
+
 import abc
+from typing import Generic, TypeVar
 
 import equinox as eqx
 import jax
+import numpy as np
 from equinox import AbstractVar
 
 from .._grid import Grid
+from ..scattering import TABLE_NAMES, get_table
+from ..volumes import AbstractVolume
+
+__all__ = ["AbstractRenderFn", "RenderBounds", "is_traced"]
+
+VolumeT = TypeVar("VolumeT", bound=AbstractVolume)
 
 
 def is_traced(*values) -> bool:
@@ -12,25 +23,143 @@ def is_traced(*values) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(values))
 
 
-class AbstractRenderFn(eqx.Module):
-    """Renders a volume onto `grid`, giving a `(nz, ny, nx)` array."""
+class RenderBounds(eqx.Module):
+    """What a render function must hold when it is planned without a volume (`with_bounds`).
+
+    A render function planned from bounds depends on no value of any volume: one compiled function
+    renders every structure within them, traced or not, under `jit`, `vmap`, `grad` and `lax.map`.
+    A volume outside its bounds is an error when it is rendered (`eqx.error_if`), never a truncated
+    map. All fields are static.
+
+    **Arguments:**
+
+    - `b_factor`: `(lowest, highest)` atom B in Å² (the highest sets the window size; the lowest the
+      Fourier routes' B interpolation and anti-aliasing blur).
+    - `resolution`: `(finest, coarsest)` D in Å, or one number for both (the Gaussian method's blur
+      and the shell images widen with D; the Fourier map's frequencies reach 1/D of the finest).
+    - `elements`: atomic numbers that may occur (`None`: every element of the table, which sizes
+      the windows for the widest form factor of all: larger windows).
+    - `table`: `"electron"` or `"xray"`.
+    - `n_terms`: the most shell terms a `ShellDecompositionVolume` keeps (the shell method's window
+      grows with them; 6 by default).
+    """
+
+    b_factor: tuple[float, float] = eqx.field(static=True)
+    resolution: tuple[float, float] = eqx.field(static=True)
+    elements: tuple[int, ...] | None = eqx.field(static=True, default=None)
+    table: str = eqx.field(static=True, default="electron")
+    n_terms: int = eqx.field(static=True, default=6)
+
+    def __init__(self, b_factor, resolution=0.0, elements=None, table: str = "electron", n_terms: int = 6):
+        b = tuple(float(x) for x in np.broadcast_to(np.asarray(b_factor, np.float64), (2,)))
+        d = tuple(float(x) for x in np.broadcast_to(np.asarray(resolution, np.float64), (2,)))
+        if not all(np.isfinite(b + d)) or b[0] > b[1] or d[0] > d[1] or d[0] < 0:
+            raise ValueError(
+                f"bounds need finite (lowest, highest) B and 0 <= (finest, coarsest) D; got B {b}, D {d}"
+            )
+        if table not in TABLE_NAMES:
+            raise ValueError(f"table must be one of {TABLE_NAMES}, got {table!r}")
+        self.b_factor = b
+        self.resolution = d
+        self.elements = None if elements is None else tuple(sorted({int(z) for z in np.ravel(elements)}))
+        self.table = table
+        self.n_terms = int(n_terms)
+
+    def form_factor_widths(self) -> tuple[float, float]:
+        """`(smallest, largest)` Gaussian width b_k (Å²) of the table's factors for `elements`."""
+        tab = get_table(self.table)
+        z = np.flatnonzero(np.asarray(tab.defined)) if self.elements is None else np.asarray(self.elements)
+        tab.check_elements(z, "bounds")
+        b = np.asarray(tab.b)[z]
+        return float(b.min()), float(b.max())
+
+    @classmethod
+    def covering(
+        cls, atoms, resolution, *, b_margin: float = 0.0, d_margin: float = 0.0, table: str = "electron",
+        b_step: float | None = None, n_terms: int = 6,
+    ) -> "RenderBounds":
+        """Bounds that hold every structure in `atoms` (an `Atoms`, an `Ensemble` or a sequence of
+        them, concrete) at `resolution` (a number or per-atom arrays), widened by the margins.
+
+        `b_step` rounds the highest B up (and the lowest down) to a multiple of it, so that batches
+        of other structures get the same bounds, hence the same compiled function.
+        """
+        from .._atoms import Ensemble
+
+        items = atoms if isinstance(atoms, (list, tuple)) else [atoms]
+        b, z, d = [], [], [np.ravel(np.asarray(resolution, np.float64))]
+        for a in items:
+            a = a.atoms if isinstance(a, Ensemble) else a
+            b.append(np.ravel(np.asarray(a.b_factors, np.float64)))
+            z.append(np.ravel(np.asarray(a.atomic_numbers)))
+        b = np.concatenate(b)
+        d = np.concatenate(d)
+        lo, hi = float(b.min()) - b_margin, float(b.max()) + b_margin
+        if b_step:
+            lo, hi = b_step * np.floor(lo / b_step), b_step * np.ceil(hi / b_step)
+        return cls((lo, hi), (max(float(d.min()) - d_margin, 0.0), float(d.max()) + d_margin),
+                   np.unique(np.concatenate(z)), table, n_terms)
+
+
+class AbstractRenderFn(eqx.Module, Generic[VolumeT]):
+    """Renders a volume of one kind onto `grid`, giving a `(nz, ny, nx)` array.
+
+    A render function is *planned* before it renders a traced volume (inside `jit`, `vmap`, `grad`,
+    `lax.map`), in one of two ways:
+
+    - `with_plan(volume, b_margin=..., d_margin=...)`: sized for a concrete volume (windows bucketed
+      per atom: fastest for a known model), allowing B and D to grow by the margins; a volume with a
+      leading batch axis gives a plan that covers every member;
+    - `with_bounds(RenderBounds(...))`: sized for declared bounds, from no volume at all (any
+      structure within them, any number of atoms).
+
+    Called unplanned on a concrete volume, it plans for it on the fly. Past a plan's bounds the
+    render is an error (`eqx.error_if`), never a truncated map.
+    """
 
     grid: AbstractVar[Grid]
 
     @abc.abstractmethod
-    def __call__(self, volume):
+    def __call__(self, volume: VolumeT):
+        """The map `(nz, ny, nx)` of `volume` on `grid`."""
         raise NotImplementedError
 
-    def _plan_at_call(self, volume, planned: bool, what: str, *values):
-        """`self` when it is already planned, else `self.with_plan(volume)` for a volume whose
-        `values` (the arrays the plan is sized from) are concrete; traced ones are an error that
-        says to plan outside jit/grad/vmap."""
-        if planned:
+    @abc.abstractmethod
+    def with_plan(self, volume: VolumeT, b_margin: float = 0.0, d_margin: float = 0.0) -> "AbstractRenderFn[VolumeT]":
+        """A copy planned for the concrete `volume`, allowing B to grow by `b_margin` Å² and D by
+        `d_margin` Å (where the method has a per-atom D)."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def with_bounds(self, bounds: RenderBounds) -> "AbstractRenderFn[VolumeT]":
+        """A copy planned for every volume within `bounds` (no volume needed)."""
+        raise NotImplementedError
+
+    @property
+    @abc.abstractmethod
+    def is_planned(self) -> bool:
+        """Whether the function can render a traced volume."""
+        raise NotImplementedError
+
+    def _plan_at_call(self, volume: VolumeT):
+        """`self` when planned; else `self.with_plan(volume)` for a concrete volume; a traced one is
+        an error that says how to plan."""
+        if self.is_planned:
             return self
-        if is_traced(*values):
+        if is_traced(volume):
+            name = type(self).__name__
             raise ValueError(
-                f"{type(self).__name__} sizes {what} from the volume's values, which are traced here "
-                "(inside jit/grad/vmap); build the render function outside with "
-                "`render_fn = render_fn.with_plan(volume, ...)` (margins for the values that will change)"
+                f"{name} is not planned, and the volume is traced here (inside jit/grad/vmap), so its "
+                f"values cannot size the render. Plan it outside the transformation, either for a known "
+                f"model: `render_fn = {name}(grid, ...).with_plan(volume, b_margin=...)`, or for any "
+                f"structure within declared bounds: `render_fn = {name}(grid, ...).with_bounds("
+                "modelmap.RenderBounds(b_factor=(0, 300), resolution=3.0))`"
             )
         return self.with_plan(volume)
+
+
+def per_slot_max(values, n_leading: int) -> np.ndarray:
+    """Max over `n_leading` leading (batch) axes of a concrete per-atom array: a plan for a stacked
+    batch of volumes that covers every member in every atom slot."""
+    v = np.asarray(values, np.float64)
+    return v.max(axis=tuple(range(n_leading))) if n_leading else v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import equinox as eqx
@@ -11,13 +12,15 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
-from ._base import AbstractRenderFn, is_traced
-from ._windows import WindowPlan, splat_windows
+from ._base import AbstractRenderFn, RenderBounds, is_traced, per_slot_max
+from ._windows import ACCUMULATE, UniformWindows, WindowPlan, splat_windows
 
 __all__ = ["GaussianMixtureRenderFn"]
 
+_EIGHT_PI2 = 8.0 * math.pi**2
 
-class GaussianMixtureRenderFn(AbstractRenderFn):
+
+class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
     """Render a `GaussianMixtureVolume` onto a grid.
 
     - `sampling="average"`: each voxel gets the exact mean of every Gaussian over the voxel's box
@@ -29,12 +32,13 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
     Every source touches only its own window, which covers at least `n_sigma` standard deviations of
     its widest Gaussian; sources are bucketed by window size and processed `chunk_size` at a time
     (see `modelmap.render._windows`). Cost grows with sources × window, memory with the map plus one
-    chunk of windows; gradients (positions, amplitudes, variances) come from a hand-written VJP.
+    chunk of windows; gradients (positions, B, occupancy, resolution, form factors) come from a
+    hand-written VJP.
 
-    Window sizes are planned from concrete variances. Calling the function on a concrete volume
-    plans on the fly; under `jax.jit` / `jax.grad` build the plan first with
-    `render_fn.with_plan(volume, b_margin=...)` (a volume whose Gaussians have grown wider than
-    planned raises an error instead of giving a truncated map).
+    Plan it for a model (`with_plan(volume, b_margin=..., d_margin=...)`, windows bucketed per atom)
+    or for declared bounds (`with_bounds(RenderBounds(...))`, one window for any structure within
+    them); an unplanned function plans on the fly for a concrete volume. A Gaussian wider than its
+    window is an error, never a truncated map.
 
     **Arguments:**
 
@@ -42,66 +46,88 @@ class GaussianMixtureRenderFn(AbstractRenderFn):
     - `sampling`: `"average"` or `"point"`.
     - `n_sigma`: window coverage in standard deviations (>= 5 recommended).
     - `chunk_size`: sources per scan step.
-    - `plan`: a `WindowPlan`, or `None` to plan at call time from a concrete volume.
-    - `max_buckets`: at most this many window sizes in the plan (fewer compiled scans, slightly
-      larger windows); `None`: every size exact.
+    - `plan`: a `WindowPlan` (from `with_plan`), `UniformWindows` (from `with_bounds`) or `None`.
+    - `max_buckets`: at most this many window sizes in a `with_plan` plan (fewer compiled scans,
+      slightly larger windows); `None`: every size exact.
+    - `accumulate`: how windows are added: `"auto"` (a loop on the CPU, one scatter-add per chunk
+      on a GPU), `"loop"` or `"scatter"` (to force either, e.g. to test the GPU path on the CPU).
     """
 
     grid: Grid = eqx.field(static=True)
     sampling: Literal["average", "point"] = eqx.field(static=True, default="average")
     n_sigma: float = eqx.field(static=True, default=5.0)
     chunk_size: int = eqx.field(static=True, default=256)
-    plan: WindowPlan | None = None
+    plan: WindowPlan | UniformWindows | None = None
     max_buckets: int | None = eqx.field(static=True, default=None)
+    accumulate: str = eqx.field(static=True, default="auto")
 
     def __check_init__(self):
         if self.sampling not in ("average", "point"):
             raise ValueError(f"sampling must be 'average' or 'point', got {self.sampling!r}")
         if self.n_sigma <= 0:
             raise ValueError("n_sigma must be positive")
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {self.accumulate!r}")
 
-    def with_plan(self, volume: GaussianMixtureVolume, b_margin: float = 0.0) -> "GaussianMixtureRenderFn":
-        """A copy with windows planned for `volume` (concrete), allowing B to grow by `b_margin` Å²."""
-        if is_traced(volume.variances, volume.positions):
-            raise ValueError("with_plan needs a concrete volume: call it outside jit/grad")
-        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.amplitudes.dtype).itemsize)
-        if np.any(np.asarray(volume.variances) <= 0):
+    @property
+    def is_planned(self) -> bool:
+        return self.plan is not None
+
+    def with_plan(
+        self, volume: GaussianMixtureVolume, b_margin: float = 0.0, d_margin: float = 0.0
+    ) -> "GaussianMixtureRenderFn":
+        """A copy with windows planned for `volume` (concrete; a leading batch axis: every member),
+        allowing every atom's B to grow by `b_margin` Å² and its D by `d_margin` Å."""
+        if is_traced(volume):
+            raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
+        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)
+        grown = eqx.tree_at(lambda v: (v.b_factors, v.resolution), volume,
+                            (volume.b_factors + b_margin, volume.resolution + d_margin))
+        variances = np.asarray(grown.gaussian_variances(), np.float64)
+        if np.any(np.asarray(volume.gaussian_variances()) <= 0):
             raise ValueError(
-                "every Gaussian needs a positive variance (b_k + B + extra_b > 0); the X-ray table "
-                "has a b = 0 term, so give the atoms B > 0 or an extra blur"
+                "every Gaussian needs a positive variance (b_k + B + 4 D² > 0); the X-ray table "
+                "has a b = 0 term, so give the atoms B > 0 or a resolution D > 0"
             )
+        n_lead = volume.positions.ndim - 2
         plan = WindowPlan.build(
             self.grid,
-            volume.positions,
-            np.max(np.asarray(volume.variances), axis=-1),
+            np.asarray(volume.positions).reshape(-1, *volume.positions.shape[-2:])[0],
+            per_slot_max(variances.max(axis=-1), n_lead),
             n_sigma=self.n_sigma,
             chunk_size=self.chunk_size,
-            variance_margin=b_margin / (8 * np.pi**2),
             max_buckets=self.max_buckets,
         )
         return eqx.tree_at(lambda r: r.plan, self, plan, is_leaf=lambda x: x is None)
 
+    def with_bounds(self, bounds: RenderBounds) -> "GaussianMixtureRenderFn":
+        """A copy with one window that holds the widest Gaussian within `bounds`: the largest form
+        factor width of its elements plus the highest B plus `4 D²` of the coarsest D."""
+        _, bk_max = bounds.form_factor_widths()
+        var = (bk_max + bounds.b_factor[1] + 4.0 * bounds.resolution[1] ** 2) / _EIGHT_PI2
+        if not var > 0:
+            raise ValueError("the bounds allow no positive Gaussian variance")
+        windows = UniformWindows.from_radius(self.grid, self.n_sigma * math.sqrt(var), n_sigma=self.n_sigma,
+                                             chunk_size=self.chunk_size)
+        return eqx.tree_at(lambda r: r.plan, self, windows, is_leaf=lambda x: x is None)
+
     def __call__(self, volume: GaussianMixtureVolume) -> Float[Array, "nz ny nx"]:
-        """The map `(nz, ny, nx)` in the units of the amplitudes per Å³."""
-        render_fn = self._plan_at_call(
-            volume, self.plan is not None, "its windows", volume.variances, volume.positions
-        )
-        plan = render_fn.plan
-        if plan.n_sources != volume.positions.shape[0]:
-            raise ValueError(
-                f"the window plan is for {plan.n_sources} sources, the volume has {volume.positions.shape[0]}"
-            )
-        return _render_planned(self.grid, self.sampling, plan, volume)
+        """The map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
+        plan = self._plan_at_call(volume).plan.resolve(self.grid, volume.positions.shape[0])
+        return _render_planned(self.grid, self.sampling, self.accumulate, plan, volume)
 
 
 @eqx.filter_jit
-def _render_planned(grid: Grid, sampling: str, plan: WindowPlan, volume: GaussianMixtureVolume):
+def _render_planned(grid: Grid, sampling: str, accumulate: str, plan: WindowPlan, volume: GaussianMixtureVolume):
     # jitted as a whole, so that eager calls compile once per shape and reuse it
+    variances = volume.gaussian_variances()
     variances = eqx.error_if(
-        volume.variances,
-        jnp.any(volume.variances > plan.max_variance[:, None] * (1 + 1e-6)),
-        "a Gaussian is wider than the window planned for it (B grew past the plan's margin); "
-        "rebuild the render function with with_plan(volume, b_margin=...)",
+        variances,
+        jnp.any(variances > plan.max_variance[:, None] * (1 + 1e-6)),
+        "a Gaussian is wider than the window planned for it (B or D grew past the plan's margins or "
+        "bounds); rebuild the render function with with_plan(volume, b_margin=..., d_margin=...) or "
+        "wider with_bounds(...)",
     )
     variances = eqx.error_if(variances, jnp.any(variances <= 0), "Gaussian variances must be > 0")
-    return splat_windows(grid, plan, volume.positions, volume.amplitudes, variances, sampling)
+    return splat_windows(grid, plan, volume.positions, volume.gaussian_amplitudes(), variances, sampling,
+                         accumulate)

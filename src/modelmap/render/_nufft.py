@@ -39,28 +39,61 @@ import math
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import IndependentAtomVolume
-from ._base import AbstractRenderFn
+from ._base import AbstractRenderFn, RenderBounds
 
 __all__ = ["NufftRenderFn", "chebyshev_nodes_for"]
 
 _MAX_NODES = 64
 
 
-def _require_finufft():
+def _require_finufft(platform: str = "cpu"):
+    """jax-finufft's `nufft1`, checked for `platform` ("cpu", "gpu", ...).
+
+    jax-finufft's PyPI wheels are CPU-only; a GPU needs a CUDA build (conda-forge's, or from
+    source), which ships the `jax_finufft_gpu` extension. jax-finufft 1.3.1's batching rule reads
+    `jax.interpreters.batching.not_mapped`, which jax 0.10 removed (an unmapped axis is `None`
+    there; fixed upstream after 1.3.1): the name is restored, as `None`, so that `jax.vmap` over
+    the NUFFT works (tests/test_fourier.py checks vmap against a loop).
+    """
     try:
+        import jax_finufft
         from jax_finufft import nufft1
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "NufftRenderFn needs jax-finufft, an optional dependency: pip install 'modelmap[nufft]' "
-            "(or pip install jax-finufft)"
+            "NufftRenderFn needs jax-finufft: pip install jax-finufft (CPU wheels for Linux and macOS); "
+            "or render the same map with SplatFourierRenderFn (method='fourier' on a GPU)"
         ) from err
+    if platform != "cpu":
+        try:
+            import jax_finufft.jax_finufft_gpu  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                f"NufftRenderFn on {platform}: this jax-finufft {getattr(jax_finufft, '__version__', '')} "
+                "is a CPU-only build (PyPI's wheels are). Install a CUDA build (conda install -c "
+                "conda-forge jax-finufft with a CUDA jaxlib, or build it from source with "
+                "JAX_FINUFFT_USE_CUDA=ON), or use SplatFourierRenderFn, the same map to 1e-5 in pure "
+                "JAX (method='fourier' picks it on a GPU)"
+            ) from err
+    from jax._src.interpreters import batching
+
+    if not hasattr(batching, "not_mapped"):
+        batching.not_mapped = None
     return nufft1
+
+
+def _platform_of(volume) -> str:
+    """The platform a volume is rendered on: its arrays' device, else (traced) the default backend."""
+    pos = volume.positions
+    if isinstance(pos, jax.Array) and not isinstance(pos, jax.core.Tracer):
+        return next(iter(pos.devices())).platform
+    return jax.default_backend()
 
 
 def _smooth_size(n: int) -> int:
@@ -116,74 +149,112 @@ def chebyshev_nodes_for(beta_min: float, beta_max: float, resolution: float, eps
     )
 
 
-class NufftRenderFn(AbstractRenderFn):
-    """The exact Fourier map at resolution D of an `IndependentAtomVolume` (see module docs).
+class NufftRenderFn(AbstractRenderFn[IndependentAtomVolume]):
+    """The exact Fourier map at the volume's resolution D of an `IndependentAtomVolume` (module docs).
+
+    Planning fixes what sets the transform's shapes: the finest D its frequencies reach (the modes),
+    the padding, and the Chebyshev nodes of the B interpolation; the B range they interpolate over is
+    an array, so another structure with the same shapes does not recompile. A volume whose D is
+    finer than planned, or whose B left the planned range, is an error.
 
     **Arguments:**
 
     - `grid`: the target `Grid`.
-    - `resolution`: D in Å; frequencies |s| <= 1/D are kept. Must be coarser than the grid's
-      Nyquist resolution (2 × the largest voxel size).
     - `sampling`: `"point"` (values at grid points) or `"average"` (voxel-box means).
     - `eps`: relative accuracy of the NUFFT and of the B interpolation.
-    - `padding`: Å added on every side of the box before the synthesis (default 3 D).
+    - `padding`: Å added on every side of the box before the synthesis (default 3 D of the coarsest
+      planned D).
     - `upsampfac`: finufft's upsampling factor; `None` picks 1.25 (about 4x fewer FFT points than the
       classic 2.0, accurate for `eps >= 1e-8`) and 2.0 for tighter `eps`.
-    - `beta_range`: `(β_min, β_max)` in Å² that the B interpolation covers (static); set by
-      `with_plan`, or planned at call time from a concrete volume.
-    - `n_nodes`: the number Q of Chebyshev nodes (static; set with `beta_range`).
+    - `resolution_range`: `(finest, coarsest)` D in Å the plan holds (static; set by planning).
+    - `n_nodes`: the number Q of Chebyshev nodes in B (static; set by planning, a multiple of 4).
+    - `beta_range`: `(2,)` array, the `(lowest, highest)` b_k + B in Å² interpolated over.
     """
 
     grid: Grid = eqx.field(static=True)
-    resolution: float = eqx.field(static=True)
     sampling: Literal["point", "average"] = eqx.field(static=True, default="point")
     eps: float = eqx.field(static=True, default=1e-6)
     padding: float | None = eqx.field(static=True, default=None)
     upsampfac: float | None = eqx.field(static=True, default=None)
-    beta_range: tuple[float, float] | None = eqx.field(static=True, default=None)
+    resolution_range: tuple[float, float] | None = eqx.field(static=True, default=None)
     n_nodes: int | None = eqx.field(static=True, default=None)
+    beta_range: Float[Array, "2"] | None = None
 
     def __check_init__(self):
         if self.sampling not in ("average", "point"):
             raise ValueError(f"sampling must be 'average' or 'point', got {self.sampling!r}")
-        nyquist = 2 * max(self.grid.voxel_size)
-        if not self.resolution >= nyquist * (1 - 1e-9):
-            raise ValueError(
-                f"resolution {self.resolution} Å is finer than the grid's Nyquist limit {nyquist:.4g} Å "
-                "(2 × voxel size); use a finer grid or a coarser resolution"
-            )
+        if self.resolution_range is not None:
+            check_nyquist(self.grid, self.resolution_range[0], strict=False)
+
+    @property
+    def is_planned(self) -> bool:
+        return self.beta_range is not None
 
     # -- planning ----------------------------------------------------------------------------------
-    def with_plan(self, volume: IndependentAtomVolume, b_margin: float = 0.0) -> "NufftRenderFn":
-        """A copy whose B interpolation covers `volume`'s B (concrete), widened by `b_margin` Å²."""
+    def _planned(self, beta_lo: float, beta_hi: float, d_lo: float, d_hi: float) -> "NufftRenderFn":
+        if beta_lo < 0 and beta_lo <= -1e-9 * max(abs(beta_hi), 1.0):
+            raise ValueError(f"b_k + B must stay >= 0; the plan reaches {beta_lo:.2f} Å²")
+        q = chebyshev_nodes_for(beta_lo, beta_hi, d_lo, self.eps)
+        q = min(4 * math.ceil(q / 4), _MAX_NODES)  # few distinct shapes: fewer compilations
+        return dataclasses.replace(self, resolution_range=(d_lo, d_hi), n_nodes=q,
+                                   beta_range=jnp.asarray([beta_lo, beta_hi], jnp.float32))
+
+    def with_plan(self, volume: IndependentAtomVolume, b_margin: float = 0.0, d_margin: float = 0.0) -> "NufftRenderFn":
+        """A copy whose B interpolation covers `volume`'s B (concrete; a leading batch axis: every
+        member), widened by `b_margin` Å², for its resolution D (lowered by `d_margin` Å)."""
         widths = np.asarray(volume.gaussian_widths(), np.float64)
         if widths.size == 0:
             raise ValueError("the volume has no atoms")
-        lo = float(widths.min()) - b_margin
-        hi = float(widths.max()) + b_margin
-        if lo <= -1e-9 * max(abs(hi), 1.0) and lo < 0:
-            raise ValueError(f"b_k + B must stay >= 0; the model reaches {lo:.2f} Å²")
-        q = chebyshev_nodes_for(lo, hi, self.resolution, self.eps)
-        return dataclasses.replace(self, beta_range=(lo, hi), n_nodes=q)
+        d = np.asarray(volume.resolution, np.float64)
+        return self._planned(float(widths.min()) - b_margin, float(widths.max()) + b_margin,
+                             float(d.min()) - d_margin, float(d.max()))
+
+    def with_bounds(self, bounds: RenderBounds) -> "NufftRenderFn":
+        """A copy that holds every volume within `bounds`."""
+        bk_lo, bk_hi = bounds.form_factor_widths()
+        d_lo, d_hi = bounds.resolution
+        if not d_lo > 0:
+            raise ValueError("the Fourier map's bounds need a finest resolution D > 0")
+        return self._planned(bk_lo + bounds.b_factor[0], bk_hi + bounds.b_factor[1], d_lo, d_hi)
 
     # -- geometry ----------------------------------------------------------------------------------
     def padded_shape(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """`((Nz, Ny, Nx), (pz, py, px))`: padded box size and the padding before the grid."""
-        pad_a = 3.0 * self.resolution if self.padding is None else float(self.padding)
-        shape, before = [], []
-        for n, v in zip(self.grid.shape, self.grid.voxel_size[::-1]):
-            p = int(math.ceil(pad_a / v))
-            total = _smooth_size(n + 2 * p)
-            shape.append(total)
-            before.append(p + (total - n - 2 * p) // 2)
-        return tuple(shape), tuple(before)  # type: ignore[return-value]
+        return padded_box(self.grid, self.padding, self.resolution_range)
 
     def __call__(self, volume: IndependentAtomVolume) -> Float[Array, "nz ny nx"]:
         """The Fourier map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
-        render_fn = self._plan_at_call(
-            volume, self.beta_range is not None, "its B interpolation", volume.b_factors, volume.positions
+        nufft1 = _require_finufft(_platform_of(volume))
+        return _render_nufft(self._plan_at_call(volume), volume, nufft1)
+
+
+def check_nyquist(grid: Grid, resolution: float, strict: bool) -> None:
+    """A Fourier map at `resolution` D needs D >= 2 × the largest voxel size (the grid's Nyquist
+    resolution); `strict`: D > it (the splat route needs room for its anti-aliasing blur). Within
+    float32 rounding (1e-6) of the limit counts as the limit: a volume stores D in its dtype."""
+    nyquist = 2 * max(grid.voxel_size)
+    ok = resolution > nyquist * (1 + 1e-9) if strict else resolution >= nyquist * (1 - 1e-6)
+    if not ok:
+        raise ValueError(
+            f"resolution {resolution} Å is {'at or ' if strict else ''}finer than the grid's Nyquist limit "
+            f"{nyquist:.4g} Å (2 × voxel size); use a finer grid or a coarser resolution"
+            + ("; NufftRenderFn reaches the Nyquist limit itself" if strict else "")
         )
-        return _render_nufft(render_fn, volume)
+
+
+def padded_box(grid: Grid, padding: float | None, resolution_range) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """`((Nz, Ny, Nx), (pz, py, px))`: the grid padded by `padding` Å (default 3 D of the coarsest
+    D) on every side, rounded up to FFT-friendly sizes, and the padding before the grid."""
+    if padding is None and resolution_range is None:
+        raise ValueError("plan the render function first (with_plan / with_bounds): the padding is 3 D")
+    pad_a = 3.0 * resolution_range[1] if padding is None else float(padding)
+    shape, before = [], []
+    for n, v in zip(grid.shape, grid.voxel_size[::-1]):
+        p = int(math.ceil(pad_a / v))
+        total = _smooth_size(n + 2 * p)
+        shape.append(total)
+        before.append(p + (total - n - 2 * p) // 2)
+    return tuple(shape), tuple(before)  # type: ignore[return-value]
 
 
 def _axis_frequencies(n_modes: int, n_box: int, voxel: float) -> np.ndarray:
@@ -191,13 +262,31 @@ def _axis_frequencies(n_modes: int, n_box: int, voxel: float) -> np.ndarray:
     return m / (n_box * voxel)
 
 
+def hard_sphere(s2: np.ndarray, finest: float, d_volume, dtype):
+    """`|s| <= 1/D` on frequencies whose squares are `s2` (Å⁻², numpy): the Fourier map's cut, for
+    the planned finest D (static) and the volume's own D (traced), with a relative margin of 1e-6
+    so that a frequency on the sphere is kept in float32 as in float64."""
+    static = s2 <= (1 + 1e-6) / finest**2
+    return jnp.asarray(static) & (jnp.asarray(s2, dtype) <= (1 + 1e-6) / d_volume**2)
+
+
+def check_resolution(volume, finest: float):
+    """The volume's D, checked (under jit) to be at least the finest D the render was planned for."""
+    d = volume.resolution
+    return eqx.error_if(
+        d, jnp.any(d < finest * (1 - 1e-6)) | jnp.any(~jnp.isfinite(d)),
+        f"the volume's resolution is finer than the {finest:.4g} Å the Fourier renderer was planned "
+        "for; rebuild it with with_plan(volume) or with_bounds(...)",
+    )
+
+
 @eqx.filter_jit
-def _render_nufft(rf: NufftRenderFn, volume: IndependentAtomVolume):
-    nufft1 = _require_finufft()
+def _render_nufft(rf: NufftRenderFn, volume: IndependentAtomVolume, nufft1):
     grid = rf.grid
     (Nz, Ny, Nx), (pz, py, px) = rf.padded_shape()
     vz, vy, vx = grid.voxel_size[::-1]
-    D = rf.resolution
+    D = rf.resolution_range[0]  # the modes reach 1/D of the finest planned D
+    d_volume = check_resolution(volume, D)
     # modes |m| <= M per axis, with M < N/2 so that +M and -M do not alias
     M = [min(int(math.floor(N * v / D + 1e-9)), (N - 1) // 2) for N, v in ((Nz, vz), (Ny, vy), (Nx, vx))]
     modes = tuple(2 * m + 1 for m in M)
@@ -211,14 +300,14 @@ def _render_nufft(rf: NufftRenderFn, volume: IndependentAtomVolume):
     theta = 2 * jnp.pi * u
 
     # strengths: Σ_k q a_k L_q(β_k) for each Chebyshev node q
-    lo, hi = rf.beta_range
-    centre, half = 0.5 * (lo + hi), max(0.5 * (hi - lo), 1e-12)
+    lo, hi = rf.beta_range[0].astype(dtype), rf.beta_range[1].astype(dtype)
+    centre, half = 0.5 * (lo + hi), jnp.maximum(0.5 * (hi - lo), 1e-12)
     beta = volume.gaussian_widths()
     widths = eqx.error_if(
         beta,
-        jnp.any((beta < lo - 1e-6 * (1 + abs(lo))) | (beta > hi + 1e-6 * (1 + abs(hi)))),
+        jnp.any((beta < lo - 1e-6 * (1 + jnp.abs(lo))) | (beta > hi + 1e-6 * (1 + jnp.abs(hi)))),
         "an atom's B left the range the Fourier renderer was planned for; rebuild it with "
-        "with_plan(volume, b_margin=...)",
+        "with_plan(volume, b_margin=...) or wider with_bounds(...)",
     )
     nodes = _chebyshev_points(rf.n_nodes)
     lag = _lagrange((widths - centre) / half, nodes)  # (n, K, Q)
@@ -237,15 +326,16 @@ def _render_nufft(rf: NufftRenderFn, volume: IndependentAtomVolume):
     sz = _axis_frequencies(modes[0], Nz, vz)
     sy = _axis_frequencies(modes[1], Ny, vy)
     sx = _axis_frequencies(modes[2], Nx, vx)
-    s2 = sz[:, None, None] ** 2 + sy[None, :, None] ** 2 + sx[None, None, :] ** 2
-    keep = s2 <= 1.0 / D**2 * (1 + 1e-12)
-    beta_nodes = centre + half * nodes
-    envelope = np.exp(-beta_nodes[:, None, None, None] * s2[None] / 4)  # (Q, mz, my, mx)
+    s2_np = sz[:, None, None] ** 2 + sy[None, :, None] ** 2 + sx[None, None, :] ** 2
+    s2 = jnp.asarray(s2_np, dtype)
+    keep = hard_sphere(s2_np, D, d_volume, dtype)
+    beta_nodes = centre + half * jnp.asarray(nodes, dtype)
+    envelope = jnp.exp(-beta_nodes[:, None, None, None] * s2[None] / 4)  # (Q, mz, my, mx)
     multiplier = envelope * keep[None]
     if rf.sampling == "average":
-        multiplier = multiplier * (np.sinc(sz * vz)[:, None, None] * np.sinc(sy * vy)[None, :, None]
-                                   * np.sinc(sx * vx)[None, None, :])[None]
-    F = jnp.sum(fields * jnp.asarray(multiplier, dtype), axis=0)  # (mz, my, mx)
+        multiplier = multiplier * jnp.asarray(np.sinc(sz * vz)[:, None, None] * np.sinc(sy * vy)[None, :, None]
+                                              * np.sinc(sx * vx)[None, None, :], dtype)[None]
+    F = jnp.sum(fields * multiplier, axis=0)  # (mz, my, mx)
 
     # half spectrum along x (m_x >= 0) for the real inverse transform, others in FFT order
     Mz, My, Mx = M

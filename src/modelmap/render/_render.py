@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .._atoms import Atoms, validate_atoms
+import jax
+
+from .._atoms import Atoms, Ensemble, validate_atoms
 from .._grid import Grid
 from ..scattering import get_table
 from ..volumes import (
@@ -12,17 +14,31 @@ from ..volumes import (
     GaussianMixtureVolume,
     IndependentAtomVolume,
     ShellDecompositionVolume,
-    resolution_to_blur,
 )
+from ._base import AbstractRenderFn
 from ._gaussian_mixture import GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn
 from ._shells import ShellRenderFn
+from ._splat_fourier import SplatFourierRenderFn
 
 METHODS = ("gaussian", "fourier", "shells")
 
 
+def fourier_render_fn(grid: Grid, sampling: str = "point", platform: str | None = None) -> AbstractRenderFn:
+    """The render function of the Fourier map for `platform` (default: JAX's default backend):
+    `NufftRenderFn` on the CPU, `SplatFourierRenderFn` (pure JAX, the same map to 1e-5) elsewhere,
+    unless a CUDA build of jax-finufft is installed."""
+    platform = platform or jax.default_backend()
+    if platform != "cpu":
+        try:
+            import jax_finufft.jax_finufft_gpu  # noqa: F401
+        except ImportError:
+            return SplatFourierRenderFn(grid, sampling=sampling, eps=1e-5)
+    return NufftRenderFn(grid, sampling=sampling)
+
+
 def render_model(
-    atoms: Atoms,
+    atoms: Atoms | Ensemble,
     grid: Grid,
     resolution=0.0,
     *,
@@ -35,14 +51,15 @@ def render_model(
 
     **Arguments:**
 
-    - `atoms`: an `Atoms` pytree (an ensemble renders the mean map of its members).
+    - `atoms`: one structure (`Atoms`) or an `Ensemble` (the weighted mean map of its members).
     - `grid`: the target grid.
     - `resolution`: D in Å. For `method="gaussian"` it becomes the extra blur
       `B = 4 D²` (`resolution_to_blur`); 0 means the atoms' own B only. For `method="fourier"`
       it is the hard cut |s| <= 1/D of the Fourier synthesis. For `method="shells"` it is each
       atom's resolution: a scalar, or an `(n,)` array of per-atom values in [1, 10] Å.
     - `method`: `"gaussian"` (5-Gaussian scattering factors, `GaussianMixtureRenderFn`),
-      `"fourier"` (the exact finite-resolution Fourier map, `NufftRenderFn`; needs jax-finufft) or
+      `"fourier"` (the exact finite-resolution Fourier map: `NufftRenderFn` on the CPU,
+      `SplatFourierRenderFn` on a GPU unless jax-finufft has a CUDA build) or
       `"shells"` (the same images from the shell decomposition, a resolution per atom;
       `ShellRenderFn`).
     - `table`: `"electron"` or `"xray"`.
@@ -54,17 +71,14 @@ def render_model(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    validate_atoms(atoms)
-    tab = get_table(table, dtype=atoms.positions.dtype)
-    tab.check_elements(atoms.atomic_numbers)
+    validate_atoms(atoms.atoms if isinstance(atoms, Ensemble) else atoms)
+    tab = get_table(table)
+    tab.check_elements(atoms.atoms.atomic_numbers if isinstance(atoms, Ensemble) else atoms.atomic_numbers)
     if method == "shells":
         if sampling != "point":
             raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
         volume = ShellDecompositionVolume.from_atoms(atoms, resolution, table, n_terms=n_terms)
         return ShellRenderFn(grid)(volume)
     if method == "fourier":
-        if resolution <= 0:
-            raise ValueError("the Fourier map needs a resolution D > 0 Å (the cut |s| <= 1/D)")
-        return NufftRenderFn(grid, resolution, sampling=sampling)(IndependentAtomVolume.from_atoms(atoms, tab))
-    volume = GaussianMixtureVolume.from_atoms(atoms, tab, extra_b=resolution_to_blur(resolution))
-    return GaussianMixtureRenderFn(grid, sampling=sampling)(volume)
+        return fourier_render_fn(grid, sampling)(IndependentAtomVolume.from_atoms(atoms, resolution, table))
+    return GaussianMixtureRenderFn(grid, sampling=sampling)(GaussianMixtureVolume.from_atoms(atoms, resolution, table))

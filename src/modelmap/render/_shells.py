@@ -16,10 +16,10 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._grid import Grid
-from ..shells import D_RANGE
+from ..shells import D_RANGE, get_shell_table
 from ..volumes._shell_decomposition import ShellDecompositionVolume
-from ._base import AbstractRenderFn, is_traced
-from ._windows import WindowPlan, splat_kernel
+from ._base import AbstractRenderFn, RenderBounds, is_traced, per_slot_max
+from ._windows import ACCUMULATE, UniformWindows, WindowPlan, splat_kernel
 
 __all__ = ["ShellRenderFn", "omega", "shell_reach"]
 
@@ -172,7 +172,7 @@ class ShellProfileKernel(eqx.Module):
         return (ct_f, ct_df), grad
 
 
-class ShellRenderFn(AbstractRenderFn):
+class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
     """Render a `ShellDecompositionVolume` onto a grid: the atoms' images at their own resolutions,
     sampled at the grid points.
 
@@ -183,10 +183,10 @@ class ShellRenderFn(AbstractRenderFn):
     gradients come from a VJP that recomputes each chunk's windows (through the profile tables in
     float32).
 
-    Window sizes are planned from concrete values. Calling the function on a concrete volume plans
-    on the fly; under `jax.jit` / `jax.grad` build the plan first with
-    `render_fn.with_plan(volume, b_margin=..., d_margin=...)`: a volume that has grown past its plan
-    (B or D larger than planned for) raises an error instead of giving a truncated map.
+    Plan it for a model (`with_plan(volume, b_margin=..., d_margin=...)`) or for declared bounds
+    (`with_bounds(RenderBounds(...))`); an unplanned function plans on the fly for a concrete volume.
+    An atom that reaches beyond its window (B or D grown past the plan) is an error, never a
+    truncated map.
 
     **Arguments:**
 
@@ -194,72 +194,117 @@ class ShellRenderFn(AbstractRenderFn):
     - `n_sigma`: how many standard deviations of each term's blur the window covers beyond its
       radius (3 by default, as the spec).
     - `chunk_size`: atoms per scan step.
-    - `plan`: a `WindowPlan`, or `None` to plan at call time from a concrete volume.
+    - `plan`: a `WindowPlan` (from `with_plan`), `UniformWindows` (from `with_bounds`) or `None`.
     - `profile_nodes`: nodes of each atom's radial profile table for the fast float32 map and its
-      gradients (`ShellProfileKernel`), set by `with_plan`; `None` evaluates every term at every
-      voxel. Float64 maps always use the exact terms.
+      gradients (`ShellProfileKernel`), set by planning (a multiple of 32, so that other structures
+      rarely need another compilation); `None` evaluates every term at every voxel. Float64 maps
+      always use the exact terms.
     - `threads`: a concrete call on the CPU deals the atoms' chunks over this many threads, each
       rendering its share as its own computation (XLA runs one computation on one core); the maps
-      are summed. `None`: the cores this process may use, at most 8. Traced calls (under
-      jit/grad/vmap) and other devices render in one computation.
+      are summed (equal to one computation up to float32 rounding of the sum's order). `None`: the
+      cores this process may use, at most 8. Traced calls (under jit/grad/vmap) and other devices
+      render in one computation.
+    - `accumulate`: `"auto"` (a loop on the CPU, one scatter-add per chunk on a GPU), `"loop"` or
+      `"scatter"` (to force either).
     """
 
     grid: Grid = eqx.field(static=True)
     n_sigma: float = eqx.field(static=True, default=3.0)
     chunk_size: int = eqx.field(static=True, default=64)
-    plan: WindowPlan | None = None
+    plan: WindowPlan | UniformWindows | None = None
     profile_nodes: int | None = eqx.field(static=True, default=None)
     threads: int | None = eqx.field(static=True, default=None)
+    accumulate: str = eqx.field(static=True, default="auto")
 
     def __check_init__(self):
         if self.n_sigma <= 0:
             raise ValueError("n_sigma must be positive")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {self.accumulate!r}")
+
+    @property
+    def is_planned(self) -> bool:
+        return self.plan is not None
+
+    def _nodes(self, narrowest_width: float, corner: float) -> int:
+        """Profile-table nodes: spacing <= a tenth of the narrowest term's σ, from r = 0 to the
+        corner of the widest window, rounded up to a multiple of 32."""
+        sigma = math.sqrt(narrowest_width / (2 * _FOUR_PI2))
+        nodes = max(16, int(math.ceil(_NODES_PER_SIGMA * corner / sigma)) + 1)
+        return 32 * math.ceil(nodes / 32)
 
     def with_plan(
         self, volume: ShellDecompositionVolume, b_margin: float = 0.0, d_margin: float = 0.0
     ) -> "ShellRenderFn":
-        """A copy with windows planned for `volume` (concrete), allowing B to grow by `b_margin` Å²
-        and D by `d_margin` Å."""
+        """A copy with windows planned for `volume` (concrete; a leading batch axis: every member),
+        allowing B to grow by `b_margin` Å² and D by `d_margin` Å."""
         if is_traced(volume):
-            raise ValueError("with_plan needs a concrete volume: call it outside jit/grad")
+            raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
         self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)
-        _check_concrete(volume)
-        reach = np.asarray(_reach(volume, self.n_sigma))
+        n_lead = volume.positions.ndim - 2
+        flat = _flatten(volume)
+        _check_concrete(flat)
+        reach = np.asarray(_reach(flat, self.n_sigma))
         if b_margin or d_margin:
             grown = eqx.tree_at(
-                lambda v: (v.b_factors, v.resolutions),
-                volume,
-                (volume.b_factors + b_margin, jnp.minimum(volume.resolutions + d_margin, D_RANGE[1])),
+                lambda v: (v.b_factors, v.resolution),
+                flat,
+                (flat.b_factors + b_margin, jnp.minimum(flat.resolution + d_margin, D_RANGE[1])),
             )
             reach = np.maximum(reach, np.asarray(_reach(grown, self.n_sigma)))
+        positions = np.asarray(volume.positions).reshape(-1, *volume.positions.shape[-2:])[0]
         plan = WindowPlan.from_radii(
-            self.grid, volume.positions, reach, n_sigma=self.n_sigma, chunk_size=self.chunk_size, granularity=None
+            self.grid, positions, per_slot_max(reach.reshape(volume.positions.shape[:-1]), n_lead),
+            n_sigma=self.n_sigma, chunk_size=self.chunk_size, granularity=None,
         )
-        # profile tables: node spacing <= a tenth of the narrowest term's σ (D may drop by d_margin,
-        # B by b_margin, to at most half), from r = 0 to the corner of the widest window
-        _, widths, _ = volume.shell_parameters()
+        # profile tables: D may drop by d_margin, B by b_margin (to at most half)
+        _, widths, _ = flat.shell_parameters()
         widths = np.asarray(widths, np.float64)
         if d_margin:
-            sharper = eqx.tree_at(lambda v: v.resolutions, volume,
-                                  jnp.maximum(volume.resolutions - d_margin, D_RANGE[0]))
+            sharper = eqx.tree_at(lambda v: v.resolution, flat, jnp.maximum(flat.resolution - d_margin, D_RANGE[0]))
             widths = np.minimum(widths, np.asarray(sharper.shell_parameters()[1], np.float64))
-        narrowest = np.min(np.maximum(widths - b_margin, 0.5 * widths))
-        sigma = math.sqrt(narrowest / (2 * _FOUR_PI2))
-        nodes = max(16, int(math.ceil(_NODES_PER_SIGMA * _window_corner(self.grid, plan) / sigma)) + 1)
+        narrowest = float(np.min(np.maximum(widths - b_margin, 0.5 * widths)))
+        nodes = self._nodes(narrowest, _window_corner(self.grid, plan.buckets))
         return dataclasses.replace(self, plan=plan, profile_nodes=nodes)
+
+    def with_bounds(self, bounds: RenderBounds) -> "ShellRenderFn":
+        """A copy with one window that holds every atom within `bounds`: its reach is the largest
+        over the bounds' elements and over D in the resolution range (sampled every 0.02 Å and at
+        the ends, plus 1 %), at the highest B, with `bounds.n_terms` terms."""
+        table = get_shell_table(bounds.table)
+        d_lo, d_hi = max(bounds.resolution[0], D_RANGE[0]), min(bounds.resolution[1], D_RANGE[1])
+        if not (D_RANGE[0] <= bounds.resolution[0] and bounds.resolution[1] <= D_RANGE[1]):
+            raise ValueError(f"the shell method's resolutions lie in [{D_RANGE[0]}, {D_RANGE[1]}] Å; "
+                             f"the bounds ask for {bounds.resolution}")
+        rows = (np.arange(len(table.symbols)) if bounds.elements is None
+                else np.unique(table.element_index(np.asarray(bounds.elements), "bounds")))
+        d = np.unique(np.concatenate([np.arange(d_lo, d_hi, 0.02), [d_lo, d_hi]]))
+        e, dd = (x.ravel() for x in np.meshgrid(rows, d, indexing="ij"))
+        k = min(bounds.n_terms, table.n_terms)
+
+        def probe(b):
+            n = e.size
+            return ShellDecompositionVolume(jnp.zeros((n, 3)), jnp.full((n,), b), jnp.ones((n,)), jnp.asarray(dd),
+                                            jnp.asarray(e, jnp.int32), table, k)
+
+        reach = 1.01 * float(np.max(np.asarray(_reach(probe(bounds.b_factor[1]), self.n_sigma))))
+        windows = UniformWindows.from_radius(self.grid, reach, n_sigma=self.n_sigma, chunk_size=self.chunk_size)
+        narrowest = float(np.min(np.asarray(probe(bounds.b_factor[0]).shell_parameters()[1])))
+        if not narrowest > 0:
+            raise ValueError("B_m(D) + B must be > 0 for every kept term within the bounds (the lowest B is too low)")
+        plan = windows.resolve(self.grid, 1)
+        return dataclasses.replace(self, plan=windows,
+                                   profile_nodes=self._nodes(narrowest, _window_corner(self.grid, plan.buckets)))
 
     def __call__(self, volume: ShellDecompositionVolume) -> Float[Array, "nz ny nx"]:
         """The map `(nz, ny, nx)`: Å⁻² for the electron table, e/Å³ for X-ray."""
-        render_fn = self._plan_at_call(volume, self.plan is not None, "its windows", volume)
-        plan = render_fn.plan
-        if plan.n_sources != volume.positions.shape[0]:
-            raise ValueError(
-                f"the window plan is for {plan.n_sources} atoms, the volume has {volume.positions.shape[0]}"
-            )
+        render_fn = self._plan_at_call(volume)
+        plan = render_fn.plan.resolve(self.grid, volume.positions.shape[0])
+
         def render(p: WindowPlan):
-            return _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, p, volume)
+            return _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, self.accumulate, p, volume)
 
         parts = _cpu_threads(self.threads, volume)
         if parts == 1:
@@ -267,6 +312,19 @@ class ShellRenderFn(AbstractRenderFn):
         with concurrent.futures.ThreadPoolExecutor(parts) as pool:
             maps = list(pool.map(lambda p: jax.block_until_ready(render(p)), plan.split(parts)))
         return functools.reduce(jnp.add, maps)
+
+
+def _flatten(volume: ShellDecompositionVolume) -> ShellDecompositionVolume:
+    """A volume with any leading batch axes merged into its atom axis (concrete planning only)."""
+    lead = volume.positions.ndim - 2
+    if lead == 0:
+        return volume
+    return eqx.tree_at(
+        lambda v: (v.positions, v.b_factors, v.occupancies, v.resolution, v.element_index),
+        volume,
+        (volume.positions.reshape(-1, 3), volume.b_factors.reshape(-1), volume.occupancies.reshape(-1),
+         volume.resolution.reshape(-1), volume.element_index.reshape(-1)),
+    )
 
 
 def _cpu_threads(threads: int | None, volume: ShellDecompositionVolume) -> int:
@@ -284,11 +342,11 @@ def _cpu_threads(threads: int | None, volume: ShellDecompositionVolume) -> int:
     return max(1, min(cores, 8))
 
 
-def _window_corner(grid: Grid, plan: WindowPlan) -> float:
-    """The largest distance (Å) of a voxel from its source in the plan's windows: a voxel is at most
-    `h + 1/2` voxels from it along each axis."""
+def _window_corner(grid: Grid, buckets) -> float:
+    """The largest distance (Å) of a voxel from its source in the buckets' windows: a voxel is at
+    most `h + 1/2` voxels from it along each axis."""
     voxel = np.asarray(grid.voxel_size, np.float64)
-    return max(float(np.linalg.norm((np.asarray(b.half_width) + 0.5) * voxel)) for b in plan.buckets)
+    return max(float(np.linalg.norm((np.asarray(b.half_width) + 0.5) * voxel)) for b in buckets)
 
 
 def _reach(volume: ShellDecompositionVolume, n_sigma: float):
@@ -297,7 +355,7 @@ def _reach(volume: ShellDecompositionVolume, n_sigma: float):
 
 
 def _check_concrete(volume: ShellDecompositionVolume) -> None:
-    d = np.asarray(volume.resolutions)
+    d = np.asarray(volume.resolution)
     if not np.all(np.isfinite(d)) or np.any(d < D_RANGE[0]) or np.any(d > D_RANGE[1]):
         raise ValueError(f"resolutions must lie in [{D_RANGE[0]}, {D_RANGE[1]}] Å; got {d.min():.3g} to {d.max():.3g}")
     _, widths, _ = volume.shell_parameters()
@@ -307,13 +365,14 @@ def _check_concrete(volume: ShellDecompositionVolume) -> None:
 
 @eqx.filter_jit
 def _render_planned(
-    grid: Grid, n_sigma: float, profile_nodes: int | None, plan: WindowPlan, volume: ShellDecompositionVolume
+    grid: Grid, n_sigma: float, profile_nodes: int | None, accumulate: str, plan: WindowPlan,
+    volume: ShellDecompositionVolume,
 ):
-    d = volume.resolutions
+    d = volume.resolution
     d = eqx.error_if(
         d, jnp.any((d < D_RANGE[0]) | (d > D_RANGE[1])), f"a resolution left [{D_RANGE[0]}, {D_RANGE[1]}] Å"
     )
-    volume = eqx.tree_at(lambda v: v.resolutions, volume, d)
+    volume = eqx.tree_at(lambda v: v.resolution, volume, d)
     radii, widths, amps = volume.shell_parameters()
     widths = eqx.error_if(widths, jnp.any(widths <= 0), "B_m(D) + B must be > 0 for every kept term")
     reach = shell_reach(radii, widths, n_sigma)
@@ -321,11 +380,13 @@ def _render_planned(
         widths,
         jnp.any(reach > plan.covered_radius * (1 + 1e-6)),
         "an atom reaches beyond the window planned for it (B or D grew past the plan's margins); "
-        "rebuild the render function with with_plan(volume, b_margin=..., d_margin=...)",
+        "rebuild the render function with with_plan(volume, b_margin=..., d_margin=...) or wider "
+        "with_bounds(...)",
     )
     fast = None
     if profile_nodes is not None and jnp.dtype(amps.dtype).itemsize <= 4:
-        fast = ShellProfileKernel(_window_corner(grid, plan), profile_nodes)
+        fast = ShellProfileKernel(_window_corner(grid, plan.buckets), profile_nodes)
     return splat_kernel(
-        grid, plan, volume.positions, (radii, widths, amps), ShellKernel(), amps.dtype, forward_kernel=fast
+        grid, plan, volume.positions, (radii, widths, amps), ShellKernel(), amps.dtype, forward_kernel=fast,
+        accumulate=accumulate,
     )

@@ -6,7 +6,7 @@ NUFFT. The same map can be had from real-space splatting, because the hard-spher
     ρ_D = F⁻¹[ 1(|s| <= 1/D) · exp(+B_x s²/4) · F[ρ_{B_x}] ],
 
 where ρ_{B_x} is the model's density blurred by an extra B_x (every atom's Gaussians widened by
-B_x, `GaussianMixtureVolume.from_atoms(extra_b=B_x)`), sampled at the grid points of the padded box
+B_x: `GaussianMixtureVolume.from_gaussians` of `b_k + B + B_x`), sampled at the grid points of the padded box
 (`GaussianMixtureRenderFn`, windows of ~4σ set by `eps`), and F the discrete Fourier transform of
 that box. The extra blur is what makes the sampled density band-limited enough: a frequency s of ρ_{B_x} beyond
 the grid's Nyquist limit folds back onto s − m/v (v the voxel size), and lands inside the kept
@@ -39,9 +39,9 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume, IndependentAtomVolume
-from ._base import AbstractRenderFn
+from ._base import AbstractRenderFn, RenderBounds
 from ._gaussian_mixture import GaussianMixtureRenderFn
-from ._nufft import NufftRenderFn
+from ._nufft import check_nyquist, check_resolution, hard_sphere, padded_box
 
 __all__ = ["SplatFourierRenderFn", "aliasing_blur"]
 
@@ -85,37 +85,44 @@ def aliasing_blur(grid: Grid, resolution: float, b_min: float, eps: float, form_
     return hi
 
 
-class SplatFourierRenderFn(AbstractRenderFn):
-    """The Fourier map at resolution D of an `IndependentAtomVolume`, by splatting blurred Gaussians
-    on the padded box and one real FFT there (see the module docs): the same map as `NufftRenderFn`
-    to about `eps`, with cheaper values and gradients.
+class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
+    """The Fourier map at the volume's resolution D of an `IndependentAtomVolume`, by splatting
+    blurred Gaussians on the padded box and one real FFT there (see the module docs): the same map
+    as `NufftRenderFn` to about `eps`, with cheaper values and gradients, in pure JAX (any device).
+
+    Planning fixes the padded box and the finest D (`resolution_range`, static), the splatting
+    windows, and the extra blur B_x (an array: another structure of the same shapes does not
+    recompile). A volume with a finer D, or a B outside the plan, is an error.
 
     **Arguments:**
 
     - `grid`: the target `Grid`.
-    - `resolution`: D in Å (frequencies |s| <= 1/D are kept); coarser than the grid's Nyquist limit.
     - `sampling`: `"point"` (values at the grid points) or `"average"` (voxel-box means, by the
       sinc transfer function as in `NufftRenderFn`).
     - `eps`: relative amplitude of the aliased frequencies (sets the extra blur).
-    - `padding`: Å added on every side (default 3 D, as `NufftRenderFn`).
-    - `extra_b`: the extra blur B_x in Å² (static); set by `with_plan`.
+    - `padding`: Å added on every side (default 3 D of the coarsest planned D, as `NufftRenderFn`).
     - `max_buckets`: at most this many window sizes in the splatting (fewer compiled scans, larger
       windows); `None` (default): every size exact.
     - `n_sigma`: window coverage of the splatted Gaussians in standard deviations; `None` (default):
       from `eps`, where a Gaussian's 1-D tail mass beyond the window, erfc(n/√2), is `eps`/10
       (n = 3.9 at eps = 1e-3, 4.4 at 1e-4): the cut tails stay below the aliasing already allowed,
       and a narrower window is cheaper (a 4σ cube is half a 5σ one).
-    - `splat`: the `GaussianMixtureRenderFn` of the padded box, planned by `with_plan`.
+    - `accumulate`: the splatting's accumulation (`"auto"`, `"loop"`, `"scatter"`; see
+      `GaussianMixtureRenderFn`).
+    - `resolution_range`: `(finest, coarsest)` D in Å of the plan (static).
+    - `extra_b`: the extra blur B_x in Å² (an array), set by planning.
+    - `splat`: the `GaussianMixtureRenderFn` of the padded box, set by planning.
     """
 
     grid: Grid = eqx.field(static=True)
-    resolution: float = eqx.field(static=True)
     sampling: Literal["point", "average"] = eqx.field(static=True, default="point")
     eps: float = eqx.field(static=True, default=1e-4)
     padding: float | None = eqx.field(static=True, default=None)
-    extra_b: float | None = eqx.field(static=True, default=None)
     max_buckets: int | None = eqx.field(static=True, default=None)
     n_sigma: float | None = eqx.field(static=True, default=None)
+    accumulate: str = eqx.field(static=True, default="auto")
+    resolution_range: tuple[float, float] | None = eqx.field(static=True, default=None)
+    extra_b: Float[Array, ""] | None = None
     splat: GaussianMixtureRenderFn | None = None
 
     def __check_init__(self):
@@ -125,16 +132,16 @@ class SplatFourierRenderFn(AbstractRenderFn):
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if self.n_sigma is not None and not self.n_sigma > 0:
             raise ValueError(f"n_sigma must be positive, got {self.n_sigma}")
-        nyquist = 2 * max(self.grid.voxel_size)
-        if not self.resolution > nyquist * (1 + 1e-9):
-            raise ValueError(
-                f"resolution {self.resolution} Å is at or finer than the grid's Nyquist limit "
-                f"{nyquist:.4g} Å (2 × voxel size); use NufftRenderFn or a coarser resolution"
-            )
+        if self.resolution_range is not None:
+            check_nyquist(self.grid, self.resolution_range[0], strict=True)
+
+    @property
+    def is_planned(self) -> bool:
+        return self.splat is not None
 
     def padded_shape(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """`((Nz, Ny, Nx), (pz, py, px))`, exactly as `NufftRenderFn` pads the same grid."""
-        return NufftRenderFn(self.grid, self.resolution, padding=self.padding).padded_shape()
+        return padded_box(self.grid, self.padding, self.resolution_range)
 
     def padded_grid(self) -> Grid:
         """The padded box as a `Grid` (same voxels, origin moved out by the padding)."""
@@ -143,45 +150,69 @@ class SplatFourierRenderFn(AbstractRenderFn):
         ox, oy, oz = self.grid.origin
         return Grid((nz, ny, nx), self.grid.voxel_size, (ox - px * vx, oy - py * vy, oz - pz * vz))
 
-    def with_plan(self, volume: IndependentAtomVolume, b_margin: float = 0.0) -> "SplatFourierRenderFn":
-        """A copy planned for `volume` (concrete): B_x from its smallest B lowered by `b_margin`, and
-        windows that allow every B to grow by `b_margin` Å²."""
+    def _window_sigma(self) -> float:
+        if self.n_sigma is not None:
+            return self.n_sigma
+        return math.sqrt(2.0) * float(scipy.special.erfcinv(self.eps / 10.0))
+
+    def _blur(self, d_lo: float, b_min: float, elements, table) -> float:
+        check_nyquist(self.grid, d_lo, strict=True)
+        z = np.asarray(elements)
+        return aliasing_blur(self.grid, d_lo, b_min, self.eps, (np.asarray(table.a)[z], np.asarray(table.b)[z]))
+
+    def with_plan(
+        self, volume: IndependentAtomVolume, b_margin: float = 0.0, d_margin: float = 0.0
+    ) -> "SplatFourierRenderFn":
+        """A copy planned for `volume` (concrete; a leading batch axis: every member): B_x from its
+        smallest B lowered by `b_margin`, windows that allow every B to grow by `b_margin` Å², for
+        its D (lowered by `d_margin` Å)."""
         b = np.asarray(volume.b_factors, np.float64)
         if b.size == 0:
             raise ValueError("the volume has no atoms")
-        b_min = max(float(b.min()) - b_margin, 0.0)
-        z = np.unique(np.asarray(volume.atomic_numbers))
-        table = volume.table
-        extra = aliasing_blur(self.grid, self.resolution, b_min, self.eps,
-                              (np.asarray(table.a)[z], np.asarray(table.b)[z]))
-        widths = np.asarray(volume.gaussian_widths(), np.float64)
-        if float(widths.min()) - b_margin + extra <= 0:
+        d = np.asarray(volume.resolution, np.float64)
+        d_lo, d_hi = float(d.min()) - d_margin, float(d.max())
+        extra = self._blur(d_lo, max(float(b.min()) - b_margin, 0.0), np.unique(np.asarray(volume.atomic_numbers)),
+                           volume.table)
+        if float(np.asarray(volume.gaussian_widths()).min()) - b_margin + extra <= 0:
             raise ValueError(
                 "every Gaussian needs b_k + B + B_x > 0; give the atoms B > 0 or a smaller b_margin"
             )
-        n_sigma = self.n_sigma
-        if n_sigma is None:
-            n_sigma = math.sqrt(2.0) * float(scipy.special.erfcinv(self.eps / 10.0))
+        rf = dataclasses.replace(self, resolution_range=(d_lo, d_hi), extra_b=jnp.asarray(extra, jnp.float32))
         splat = GaussianMixtureRenderFn(
-            self.padded_grid(), sampling="point", n_sigma=n_sigma, max_buckets=self.max_buckets
+            rf.padded_grid(), sampling="point", n_sigma=self._window_sigma(), max_buckets=self.max_buckets,
+            accumulate=self.accumulate,
         ).with_plan(_gaussians(volume, extra), b_margin=b_margin)
-        return dataclasses.replace(self, extra_b=extra, splat=splat)
+        return dataclasses.replace(rf, splat=splat)
+
+    def with_bounds(self, bounds: RenderBounds) -> "SplatFourierRenderFn":
+        """A copy that holds every volume within `bounds` (B_x from the lowest B and finest D)."""
+        d_lo, d_hi = bounds.resolution
+        from ..scattering import get_table
+
+        table = get_table(bounds.table)
+        elements = np.flatnonzero(np.asarray(table.defined)) if bounds.elements is None else bounds.elements
+        extra = self._blur(d_lo, max(bounds.b_factor[0], 0.0), elements, table)
+        rf = dataclasses.replace(self, resolution_range=(d_lo, d_hi), extra_b=jnp.asarray(extra, jnp.float32))
+        # the splatted Gaussians are the atoms' own, widened by B_x: bounds of B shifted by B_x, at D = 0
+        shifted = RenderBounds((bounds.b_factor[0] + extra, bounds.b_factor[1] + extra), 0.0, bounds.elements,
+                               bounds.table)
+        splat = GaussianMixtureRenderFn(
+            rf.padded_grid(), sampling="point", n_sigma=self._window_sigma(), accumulate=self.accumulate,
+        ).with_bounds(shifted)
+        return dataclasses.replace(rf, splat=splat)
 
     def __call__(self, volume: IndependentAtomVolume) -> Float[Array, "nz ny nx"]:
         """The Fourier map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
-        render_fn = self._plan_at_call(
-            volume, self.splat is not None, "its blur and windows", volume.b_factors, volume.positions
-        )
-        return _render(render_fn, volume)
+        return _render(self._plan_at_call(volume), volume)
 
 
 def _gaussians(volume: IndependentAtomVolume, extra_b) -> GaussianMixtureVolume:
     dtype = volume.positions.dtype
     variances = (volume.gaussian_widths() + jnp.asarray(extra_b, dtype)) / _EIGHT_PI2
-    return GaussianMixtureVolume(volume.positions, volume.gaussian_amplitudes(), variances)
+    return GaussianMixtureVolume.from_gaussians(volume.positions, volume.gaussian_amplitudes(), variances)
 
 
-def _transfer(rf: SplatFourierRenderFn) -> np.ndarray:
+def _transfer(rf: SplatFourierRenderFn, d_volume, dtype):
     """`1(|s| <= 1/D) exp(B_x s²/4)` (× the voxel sinc for "average") on the rfftn half spectrum."""
     (Nz, Ny, Nx), _ = rf.padded_shape()
     vx, vy, vz = rf.grid.voxel_size
@@ -189,24 +220,28 @@ def _transfer(rf: SplatFourierRenderFn) -> np.ndarray:
     sy = np.fft.fftfreq(Ny, vy)
     sx = np.fft.rfftfreq(Nx, vx)
     s2 = sz[:, None, None] ** 2 + sy[None, :, None] ** 2 + sx[None, None, :] ** 2
-    keep = s2 <= (1.0 / rf.resolution**2) * (1 + 1e-12)
     # as NufftRenderFn: modes |m| <= (N - 1) // 2, so a Nyquist plane is never half-counted
     mz, my = np.abs(np.fft.fftfreq(Nz, 1.0 / Nz)), np.abs(np.fft.fftfreq(Ny, 1.0 / Ny))
     mx = np.arange(Nx // 2 + 1)
-    keep &= ((mz <= (Nz - 1) // 2)[:, None, None] & (my <= (Ny - 1) // 2)[None, :, None]
+    modes = ((mz <= (Nz - 1) // 2)[:, None, None] & (my <= (Ny - 1) // 2)[None, :, None]
              & (mx <= (Nx - 1) // 2)[None, None, :])
-    h = np.where(keep, np.exp(rf.extra_b * s2 / 4.0), 0.0)
+    # the cut of the planned finest D (static) and of the volume's own D, as NufftRenderFn does
+    keep = jnp.asarray(modes) & hard_sphere(s2, rf.resolution_range[0], d_volume, dtype)
+    s2j = jnp.where(keep, jnp.asarray(s2, dtype), 0.0)
+    h = jnp.where(keep, jnp.exp(rf.extra_b.astype(dtype) * s2j / 4.0), 0.0)
     if rf.sampling == "average":
-        h = h * (np.sinc(sz * vz)[:, None, None] * np.sinc(sy * vy)[None, :, None] * np.sinc(sx * vx)[None, None, :])
+        h = h * jnp.asarray(np.sinc(sz * vz)[:, None, None] * np.sinc(sy * vy)[None, :, None]
+                            * np.sinc(sx * vx)[None, None, :], dtype)
     return h
 
 
 @eqx.filter_jit
 def _render(rf: SplatFourierRenderFn, volume: IndependentAtomVolume):
     dtype = volume.positions.dtype
+    d_volume = check_resolution(volume, rf.resolution_range[0])
     (Nz, Ny, Nx), (pz, py, px) = rf.padded_shape()
     rho = rf.splat(_gaussians(volume, rf.extra_b))
-    spectrum = jnp.fft.rfftn(rho) * jnp.asarray(_transfer(rf), dtype)
+    spectrum = jnp.fft.rfftn(rho) * _transfer(rf, d_volume, dtype)
     out = jnp.fft.irfftn(spectrum, s=(Nz, Ny, Nx)).astype(dtype)
     nz, ny, nx = rf.grid.shape
     return out[pz : pz + nz, py : py + ny, px : px + nx]

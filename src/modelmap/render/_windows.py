@@ -9,6 +9,12 @@ The map is accumulated in a padded copy of the grid (`2 h_max` voxels on every s
 window that touches the grid lies wholly inside it: no index is ever clamped or wrapped. Sources whose
 window does not touch the grid contribute nothing (their amplitude is masked to 0).
 
+Windows are added to the map in one of two ways, chosen by platform (`accumulate="auto"`, through
+`lax.platform_dependent`): on the CPU one source at a time in a `fori_loop` of
+`dynamic_update_slice`s, which XLA's CPU backend runs fastest; elsewhere (GPU) every window of a
+chunk at once, by one scatter-add over flattened voxel indices (no sequential per-source loop).
+Both are tested on the CPU (`accumulate="scatter"` forces the GPU path) for equal maps and gradients.
+
 Gradients come from a hand-written VJP: the backward pass gathers the cotangent map in each window
 and pulls it back through that chunk's window values, recomputed on the fly. Nothing of size
 sources × window is kept between the passes.
@@ -29,7 +35,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._grid import Grid
 
-__all__ = ["WindowBucket", "WindowPlan", "GaussianKernel", "splat_windows", "splat_kernel"]
+__all__ = ["WindowBucket", "WindowPlan", "UniformWindows", "GaussianKernel", "splat_windows", "splat_kernel"]
+
+ACCUMULATE = ("auto", "loop", "scatter")
 
 
 class WindowBucket(eqx.Module):
@@ -63,6 +71,15 @@ class WindowPlan(eqx.Module):
     @property
     def n_sources(self) -> int:
         return self.max_variance.shape[0]
+
+    def resolve(self, grid: Grid, n_sources: int) -> "WindowPlan":
+        """This plan, for a volume of `n_sources` sources (it must be the number planned for)."""
+        if n_sources != self.n_sources:
+            raise ValueError(
+                f"the window plan is for {self.n_sources} sources, the volume has {n_sources}; plan it "
+                "for this volume (with_plan) or declare bounds (with_bounds), which fit any number"
+            )
+        return self
 
     def split(self, parts: int) -> tuple["WindowPlan", ...]:
         """The plan's chunks dealt into `parts` plans of one shape (concrete; call outside `jit`).
@@ -99,7 +116,6 @@ class WindowPlan(eqx.Module):
         *,
         n_sigma: float = 5.0,
         chunk_size: int = 256,
-        variance_margin: float = 0.0,
         max_buckets: int | None = None,
     ) -> "WindowPlan":
         """Plan windows from concrete values (call outside `jit`).
@@ -112,16 +128,15 @@ class WindowPlan(eqx.Module):
         - `n_sigma`: each window covers at least this many standard deviations of the source's
           widest Gaussian beyond the source, in every direction.
         - `chunk_size`: sources per step of the scan.
-        - `variance_margin`: extra variance (Å²) to allow for, e.g. `ΔB/(8π²)` when B will be refined.
         - `max_buckets`: at most this many window sizes (coarser sizes: fewer compiled scans, a
           little more work per source); `None` keeps every size exact.
         """
         pos = np.asarray(positions, np.float64)
-        var = np.asarray(max_variance, np.float64) + variance_margin
+        var = np.asarray(max_variance, np.float64)
         if pos.ndim != 2 or pos.shape[0] != var.shape[0]:
             raise ValueError(f"positions {pos.shape} and variances {var.shape} do not match")
         if not np.all(var > 0):
-            raise ValueError("every Gaussian needs a positive variance (b_k + B + extra_b > 0)")
+            raise ValueError("every Gaussian needs a positive variance (b_k + B + 4 D² > 0)")
         return cls.from_radii(
             grid, pos, n_sigma * np.sqrt(var), n_sigma=n_sigma, chunk_size=chunk_size,
             granularity=1 if max_buckets is None else None, max_buckets=max_buckets or 8,
@@ -150,13 +165,12 @@ class WindowPlan(eqx.Module):
         if pos.ndim != 2 or pos.shape[0] != radii.shape[0]:
             raise ValueError(f"positions {pos.shape} and radii {radii.shape} do not match")
         voxel = np.asarray(grid.voxel_size)
-        exact = np.ceil(radii[:, None] / voxel[None, :] + 0.5).astype(np.int64)  # (n, 3) x,y,z
+        exact = _half_widths(radii, voxel)  # (n, 3) x,y,z
         for g in [granularity] if granularity else range(1, int(exact.max()) + 2):
             half = np.maximum(g * np.ceil(exact / g).astype(np.int64), 1)
             if granularity or len(np.unique(half, axis=0)) <= max_buckets:
                 break
-        # the radius (hence variance) each source's window covers exactly
-        fit = np.min(((half - 0.5) * voxel[None, :] / n_sigma) ** 2, axis=1)
+        fit = _covered_variance(half, voxel, n_sigma)
         # order sources by their voxel (z, then y, then x) for cache locality of the accumulation
         idx = np.floor(grid.to_index(pos)).astype(np.int64)
         order = np.lexsort((idx[:, 0], idx[:, 1], idx[:, 2]))
@@ -178,6 +192,53 @@ class WindowPlan(eqx.Module):
             )
         hmax = half.max(axis=0)
         return cls(tuple(buckets), jnp.asarray(fit), float(n_sigma), tuple(int(2 * h) for h in hmax))
+
+
+def _half_widths(radii, voxel) -> np.ndarray:
+    """`(n, 3)` half widths (x, y, z voxels) of windows that hold a ball of radius `radii` (Å) around
+    a source anywhere within half a voxel of the window's centre."""
+    return np.ceil(np.asarray(radii, np.float64)[:, None] / np.asarray(voxel)[None, :] + 0.5).astype(np.int64)
+
+
+def _covered_variance(half, voxel, n_sigma: float) -> np.ndarray:
+    """The per-axis variance (Å²) whose `n_sigma` ball a window of `half` voxels holds exactly."""
+    return np.min(((np.asarray(half) - 0.5) * np.asarray(voxel) / n_sigma) ** 2, axis=-1)
+
+
+class UniformWindows(eqx.Module):
+    """One window size for every source, declared instead of planned from a volume.
+
+    A render function built from declared bounds (`with_bounds`) holds this instead of a
+    `WindowPlan`: it depends on no value of any volume, so the same compiled function renders any
+    structure with any number of sources (the plan's index arrays are made from the shape at trace
+    time), under `jit`, `vmap`, `grad` and `lax.map`. A source wider than the window is an error.
+
+    **Arguments:**
+
+    - `half_width`: `(hx, hy, hz)` voxels (static).
+    - `n_sigma`: the coverage in standard deviations (static).
+    - `chunk_size`: sources per scan step (static).
+    """
+
+    half_width: tuple[int, int, int] = eqx.field(static=True)
+    n_sigma: float = eqx.field(static=True)
+    chunk_size: int = eqx.field(static=True, default=256)
+
+    @classmethod
+    def from_radius(cls, grid: Grid, radius: float, *, n_sigma: float = 1.0, chunk_size: int = 256) -> "UniformWindows":
+        """Windows that hold a ball of `radius` Å around any source."""
+        half = _half_widths(np.array([radius]), grid.voxel_size)[0]
+        return cls(tuple(int(max(h, 1)) for h in half), float(n_sigma), int(chunk_size))
+
+    def resolve(self, grid: Grid, n_sources: int) -> WindowPlan:
+        """The plan for `n_sources` sources (shape only; constants inside a trace)."""
+        c = min(self.chunk_size, max(8, 8 * math.ceil(n_sources / 8)))
+        nc = max(1, math.ceil(n_sources / c))
+        idx = np.minimum(np.arange(nc * c), max(n_sources - 1, 0))
+        mask = np.arange(nc * c) < n_sources
+        var = float(_covered_variance(self.half_width, grid.voxel_size, self.n_sigma))
+        bucket = WindowBucket(self.half_width, jnp.asarray(idx.reshape(nc, c), jnp.int32), jnp.asarray(mask.reshape(nc, c)))
+        return WindowPlan((bucket,), jnp.full((n_sources,), var), self.n_sigma, tuple(2 * h for h in self.half_width))
 
 
 def _erf_diff(lo, hi):
@@ -240,6 +301,7 @@ def _bucket_splatter(
     voxel: tuple[float, float, float],
     kernel: Callable,
     forward_kernel: Callable | None = None,
+    accumulate: str = "auto",
 ) -> Callable:
     """A function `(map_padded, P, mask, *S) -> map_padded` with a hand-written VJP, for one bucket.
 
@@ -251,14 +313,34 @@ def _bucket_splatter(
     fast approximation of `kernel`): `forward_kernel.tables(*S_chunk)` gives per-source arrays
     `(c, ...)` once per chunk, and `forward_kernel.values(dx, dy, dz, *tables_i)` one source's window
     `(wz, wy, wx)` from its offsets `(wx,)`, `(wy,)`, `(wz,)` and its rows of the tables, evaluated
-    where the window is added to the map. The VJP differentiates `kernel`, unless `forward_kernel`
-    also has `cotangents(dx, dy, dz, *tables_i, g_window) -> (table cotangents, (3,) offset
-    gradient)`: then the map's own (forward-kernel) values are differentiated through their tables.
+    where the window is added to the map, and `cotangents(dx, dy, dz, *tables_i, g_window) ->
+    (table cotangents, (3,) offset gradient)`: the map's own (forward-kernel) values are then
+    differentiated through their tables. Without it the VJP differentiates `kernel`.
+    `accumulate`: `"loop"` (one source at a time), `"scatter"` (one scatter-add per chunk) or
+    `"auto"` (the loop on the CPU, the scatter elsewhere).
     """
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
     hx, hy, hz = half
     widths = (2 * hx + 1, 2 * hy + 1, 2 * hz + 1)  # x, y, z
     wz, wy, wx = widths[2], widths[1], widths[0]
     limits = np.array([padded_shape[2], padded_shape[1], padded_shape[0]]) - np.array(widths)
+    _, pny, pnx = padded_shape
+    # flat offsets of a window's voxels from its first voxel in the padded map, (wz*wy*wx,)
+    local = ((np.arange(wz)[:, None, None] * pny + np.arange(wy)[None, :, None]) * pnx
+             + np.arange(wx)[None, None, :]).reshape(-1).astype(np.int32)
+
+    def flat_indices(start):
+        """`(c, wz*wy*wx)` flat indices into the padded map of every voxel of each window."""
+        base = (start[:, 0] * pny + start[:, 1]) * pnx + start[:, 2]
+        return base[:, None] + jnp.asarray(local)[None, :]
+
+    def by_platform(loop_fn, scatter_fn, *args):
+        if accumulate == "loop":
+            return loop_fn(*args)
+        if accumulate == "scatter":
+            return scatter_fn(*args)
+        return lax.platform_dependent(*args, cpu=loop_fn, default=scatter_fn)
 
     def window_geometry(P, mask):
         """(starts (c, 3) z,y,x in the padded grid, offsets (Å) [(c, wx), (c, wy), (c, wz)], live (c,))."""
@@ -279,8 +361,22 @@ def _bucket_splatter(
         vals = kernel(*offsets, *S)
         return start_zyx, jnp.where(live[:, None, None, None], vals, 0)
 
-    def add_chunk(m, args):
-        P, mask, *S = args
+    def chunk_windows(P, mask, *S):
+        """(starts (c, 3), values (c, wz, wy, wx)) of a chunk, from the forward kernel if any."""
+        if forward_kernel is None:
+            return window_values(P, mask, *S)
+        start, offsets, live = window_geometry(P, mask)
+        vals = jax.vmap(forward_kernel.values)(*offsets, *forward_kernel.tables(*S))
+        return start, jnp.where(live[:, None, None, None], vals, 0)
+
+    def add_chunk_scatter(m, P, mask, *S):
+        # every window of the chunk in one scatter-add (GPU): no sequential loop over sources
+        start, vals = chunk_windows(P, mask, *S)
+        flat = m.reshape(-1).at[flat_indices(start).reshape(-1)].add(vals.reshape(-1).astype(m.dtype))
+        return flat.reshape(m.shape)
+
+    def add_chunk_loop(m, P, mask, *S):
+        # one window at a time (CPU): XLA's CPU backend runs these in-place updates fastest
         if forward_kernel is None:
             start, vals = window_values(P, mask, *S)
 
@@ -301,7 +397,10 @@ def _bucket_splatter(
             cur = lax.dynamic_slice(m, s, (wz, wy, wx))
             return lax.dynamic_update_slice(m, cur + values(i).astype(m.dtype), s)
 
-        return lax.fori_loop(0, P.shape[0], body, m), None
+        return lax.fori_loop(0, P.shape[0], body, m)
+
+    def add_chunk(m, args):
+        return by_platform(add_chunk_loop, add_chunk_scatter, m, *args), None
 
     @jax.custom_vjp
     def splat(m, P, mask, *S):
@@ -323,16 +422,9 @@ def _bucket_splatter(
             zero_start = np.zeros(start.shape, jax.dtypes.float0)
             return None, pull((zero_start, gather(start).astype(p.dtype)))
 
-        def chunk_grad_tables(_, args):
-            # the VJP of the forward kernel's own (table) values: the cotangent windows are reduced
-            # to per-source table cotangents and position gradients, then pulled back through
-            # `tables`, so no per-voxel work is differentiated. One source at a time, as the forward
-            # adds them: a vmap over the chunk would turn the window slices and table look-ups into
-            # batched gathers, several times slower on the CPU
-            p, mk, *s = args
-            start, offsets, live = window_geometry(p, mk)
-            tables, pull = jax.vjp(forward_kernel.tables, *s)
-
+        def table_cotangents_loop(p, start, offsets, live, tables):
+            # one source at a time, as the CPU forward adds them: a vmap over the chunk would turn the
+            # window slices and table look-ups into batched gathers, several times slower on the CPU
             def body(i, acc):
                 cts, gos = acc
                 gw = lax.dynamic_slice(g, (start[i, 0], start[i, 1], start[i, 2]), (wz, wy, wx))
@@ -341,11 +433,28 @@ def _bucket_splatter(
                 return tuple(a.at[i].set(c) for a, c in zip(cts, ct)), gos.at[i].set(go)
 
             init = (tuple(jnp.zeros_like(t) for t in tables), jnp.zeros(p.shape, p.dtype))
-            ct_tables, g_offsets = lax.fori_loop(0, p.shape[0], body, init)
+            return lax.fori_loop(0, p.shape[0], body, init)
+
+        def table_cotangents_vmap(p, start, offsets, live, tables):
+            # every source of the chunk at once (GPU)
+            gw = g.reshape(-1)[flat_indices(start)].reshape(-1, wz, wy, wx).astype(p.dtype)
+            gw = jnp.where(live[:, None, None, None], gw, 0)
+            return jax.vmap(forward_kernel.cotangents)(*offsets, *tables, gw)
+
+        def chunk_grad_tables(_, args):
+            # the VJP of the forward kernel's own (table) values: the cotangent windows are reduced
+            # to per-source table cotangents and position gradients, then pulled back through
+            # `tables`, so no per-voxel work is differentiated
+            p, mk, *s = args
+            start, offsets, live = window_geometry(p, mk)
+            tables, pull = jax.vjp(forward_kernel.tables, *s)
+            ct_tables, g_offsets = by_platform(
+                table_cotangents_loop, table_cotangents_vmap, p, start, offsets, live, tables
+            )
             # offsets are (voxel − position): d offset / d position = −1 along each axis
             return None, (-g_offsets, *pull(ct_tables))
 
-        if forward_kernel is not None and hasattr(forward_kernel, "cotangents"):
+        if forward_kernel is not None:
             chunk_grad = chunk_grad_tables  # noqa: F811
 
         _, grads = lax.scan(chunk_grad, None, (P, mask, *S))
@@ -364,6 +473,7 @@ def splat_kernel(
     kernel: Callable,
     dtype,
     forward_kernel: Callable | None = None,
+    accumulate: str = "auto",
 ) -> Float[Array, "nz ny nx"]:
     """Sum over sources of `kernel`'s values, each evaluated in the source's planned window.
 
@@ -376,7 +486,8 @@ def splat_kernel(
     - `dtype`: the map's dtype.
     - `forward_kernel`: optional hashable object with `tables(*sources_chunk)` and
       `values(dx, dy, dz, *tables_i)` methods that computes the forward map's values instead, one
-      window at a time (see `_bucket_splatter`; gradients still come from `kernel`).
+      window at a time, and their VJP (see `_bucket_splatter`).
+    - `accumulate`: `"auto"` (by platform), `"loop"` (CPU path) or `"scatter"` (GPU path).
 
     **Returns:** the map `(nz, ny, nx)`.
     """
@@ -386,7 +497,8 @@ def splat_kernel(
     m = jnp.zeros(padded_shape, dtype)
     for bucket in plan.buckets:
         splat = _bucket_splatter(
-            padded_shape, bucket.half_width, plan.pad, grid.origin, grid.voxel_size, kernel, forward_kernel
+            padded_shape, bucket.half_width, plan.pad, grid.origin, grid.voxel_size, kernel, forward_kernel,
+            accumulate,
         )
         idx = bucket.indices
         m = splat(m, positions[idx], bucket.mask, *(s[idx] for s in sources))
@@ -400,6 +512,7 @@ def splat_windows(
     amplitudes: Float[Array, "n K"],
     variances: Float[Array, "n K"],
     sampling: str,
+    accumulate: str = "auto",
 ) -> Float[Array, "nz ny nx"]:
     """Sum of the sources' Gaussians on `grid`, each evaluated in its planned window.
 
@@ -409,8 +522,10 @@ def splat_windows(
     - `plan`: a `WindowPlan` built for these sources.
     - `positions`, `amplitudes`, `variances`: the sources (see `GaussianMixtureVolume`).
     - `sampling`: `"average"` (exact voxel averages) or `"point"` (values at grid points).
+    - `accumulate`: `"auto"` (by platform), `"loop"` (CPU path) or `"scatter"` (GPU path).
 
     **Returns:** the map `(nz, ny, nx)`.
     """
     kernel = GaussianKernel(tuple(grid.voxel_size), sampling)
-    return splat_kernel(grid, plan, positions, (amplitudes, variances), kernel, amplitudes.dtype)
+    return splat_kernel(grid, plan, positions, (amplitudes, variances), kernel, amplitudes.dtype,
+                        accumulate=accumulate)

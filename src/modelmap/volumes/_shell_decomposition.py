@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .._atoms import Atoms
+from .._atoms import Atoms, Ensemble
 from ..shells import D_RANGE, ShellTable, get_shell_table
-from ._base import AbstractVolume
+from ._base import AbstractVolume, atoms_of
 
 __all__ = ["ShellDecompositionVolume", "DEFAULT_SHELL_TERMS"]
 
@@ -52,7 +52,7 @@ class ShellDecompositionVolume(AbstractVolume):
     - `positions`: `(n, 3)` x, y, z in Å.
     - `b_factors`: `(n,)` isotropic B in Å² (B_m + B_j must stay > 0; B_m >= ~2.7 D²).
     - `occupancies`: `(n,)` occupancies (weights).
-    - `resolutions`: `(n,)` per-atom resolution D in Å, 1 <= D <= 10.
+    - `resolution`: `(n,)` per-atom resolution D in Å, 1 <= D <= 10.
     - `element_index`: `(n,)` row of each atom's element in `table` (integer leaf).
     - `table`: the `ShellTable`.
     - `n_terms`: K, the number of terms kept (static; default 6, at most `table.n_terms`).
@@ -61,7 +61,7 @@ class ShellDecompositionVolume(AbstractVolume):
     positions: Float[Array, "n 3"]
     b_factors: Float[Array, " n"]
     occupancies: Float[Array, " n"]
-    resolutions: Float[Array, " n"]
+    resolution: Float[Array, " n"]
     element_index: Int[Array, " n"]
     table: ShellTable
     n_terms: int = eqx.field(static=True, default=DEFAULT_SHELL_TERMS)
@@ -73,30 +73,28 @@ class ShellDecompositionVolume(AbstractVolume):
     @classmethod
     def from_atoms(
         cls,
-        atoms: Atoms,
-        resolution: float | Float[Array, "*m n"],
+        atoms: Atoms | Ensemble,
+        resolution: float | Float[Array, "*n"],
         table: str | ShellTable = "electron",
         n_terms: int = DEFAULT_SHELL_TERMS,
-        ensemble_weights: Float[Array, " m"] | None = None,
     ) -> "ShellDecompositionVolume":
         """Shells of the atoms at a resolution D (one value, or one per atom).
 
         **Arguments:**
 
-        - `atoms`: an `Atoms` pytree (concrete atomic numbers); an ensemble `(m, n)` is flattened
-          to `m n` atoms with occupancies times `w_m / Σ w` (the mean map).
-        - `resolution`: D in Å, a scalar or `(n,)` (or `(m, n)`) per-atom values in [1, 10].
+        - `atoms`: one structure (`Atoms` `(n, ...)`, concrete atomic numbers) or an `Ensemble`
+          (its weighted mean map).
+        - `resolution`: D in Å, a scalar or `(n,)` per-atom values in [1, 10].
         - `table`: `"electron"`, `"xray"` or a `ShellTable`.
         - `n_terms`: K terms kept (6 by default; 12-16 for a precise map).
-        - `ensemble_weights`: `(m,)` weights of the ensemble members.
 
         **Returns:** a `ShellDecompositionVolume`.
         """
+        atoms, res = atoms_of(atoms, resolution, True, "ShellDecompositionVolume")
         dtype = atoms.positions.dtype
         if isinstance(table, str):
             table = get_shell_table(table, dtype=dtype)
         element_index = jnp.asarray(table.element_index(atoms.atomic_numbers))
-        res = jnp.broadcast_to(jnp.asarray(resolution, dtype), atoms.b_factors.shape)
         if not isinstance(res, jax.core.Tracer):
             r = np.asarray(res)
             if np.any(~np.isfinite(r)) or np.any(r < D_RANGE[0]) or np.any(r > D_RANGE[1]):
@@ -104,14 +102,7 @@ class ShellDecompositionVolume(AbstractVolume):
                     f"resolutions must lie in [{D_RANGE[0]}, {D_RANGE[1]}] Å (the shell tables' range); "
                     f"got values from {np.nanmin(r):.3g} to {np.nanmax(r):.3g}"
                 )
-        positions, occ, b = atoms.positions, atoms.occupancies, atoms.b_factors
-        if positions.ndim == 3:
-            m = positions.shape[0]
-            w = jnp.ones((m,), dtype) if ensemble_weights is None else jnp.asarray(ensemble_weights, dtype)
-            occ = (occ * (w / jnp.sum(w))[:, None]).reshape(-1)
-            positions, b = positions.reshape(-1, 3), b.reshape(-1)
-            res, element_index = res.reshape(-1), element_index.reshape(-1)
-        return cls(positions, b, occ, res, element_index, table, n_terms)
+        return cls(atoms.positions, atoms.b_factors, atoms.occupancies, res, element_index, table, n_terms)
 
     def term_weights(self) -> Float[Array, " K"]:
         """`(K,)` the truncation weights: 1, ..., 1, 1/2 (spec §7.4); a single term keeps weight 1."""
@@ -122,13 +113,18 @@ class ShellDecompositionVolume(AbstractVolume):
         """Absolute shell parameters per atom and kept term: radii R (Å), total widths
         `B_m(D) + B_j` (Å²) and amplitudes `q_j w_m C_m(D)` (Å for electrons, electrons for X-ray:
         each term's integral)."""
-        d = self.resolutions
+        d = self.resolution
         r, b, c = self.table.normalized(self.element_index, d, self.n_terms)
         rho0 = self.table.rho0(self.element_index, d)
         radii = d[:, None] * r
         widths = d[:, None] ** 2 * b + self.b_factors[:, None]
         amps = (self.occupancies * d**3 * rho0)[:, None] * c * self.term_weights()
         return radii, widths, amps
+
+    def batch_axes(self):
+        """`jax.vmap` `in_axes` of a stacked batch: per-atom leaves 0, the shared table `None`."""
+        axes = jax.tree.map(lambda _: 0, self)
+        return eqx.tree_at(lambda v: v.table, axes, None, is_leaf=lambda x: x is None)
 
     def total_mass(self) -> Float[Array, ""]:
         """`Σ_j q_j Σ_m w_m C_m`: the map's integral (≈ Σ q f(0) within a few % for K >= 5)."""

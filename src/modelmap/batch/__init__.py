@@ -1,0 +1,13 @@
+"""Batches of structures and poses: one map each, padded to a few sizes, on any device."""
+
+from ._batch import (
+    BatchGroup as BatchGroup,
+    BatchMaps as BatchMaps,
+    bucket_size as bucket_size,
+    pad_atoms as pad_atoms,
+    plan_batch as plan_batch,
+    render_batch as render_batch,
+    render_poses as render_poses,
+    render_stacked as render_stacked,
+    stack_volumes as stack_volumes,
+)

@@ -1,0 +1,340 @@
+"""Batches: one map per structure (or per pose), never averaged.
+
+A batch of structures of different sizes is padded to a few bucket sizes with zero-occupancy atoms
+(whose images are exactly 0), stacked on a leading axis, and rendered by one compiled function per
+bucket under `lax.map(..., batch_size=...)`, which bounds the memory held at once. The render
+function is planned from bounds that cover every member (`RenderBounds.covering`, with B rounded to
+`b_step`), so it depends on no value of any structure: another batch within the same bounds reuses
+the compiled function. Everything is differentiable through the whole batch.
+
+Maps either share one grid, or each structure gets a box of the same shape centred on it (the
+shape ML models train on): its origin is a whole number of voxels (written as an MRC `nstart`), and
+the structure is rendered shifted by minus that origin on one reference grid whose origin is 0 —
+the same map, exactly, because every renderer depends on positions only relative to the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float
+
+from .._atoms import Atoms, validate_atoms
+from .._errors import InvalidAtomsError
+from .._grid import Grid
+from ..render import (
+    AbstractRenderFn,
+    GaussianMixtureRenderFn,
+    RenderBounds,
+    ShellRenderFn,
+    SplatFourierRenderFn,
+    fourier_render_fn,
+)
+from ..scattering import get_table
+from ..volumes import AbstractVolume, GaussianMixtureVolume, IndependentAtomVolume, ShellDecompositionVolume
+from ..volumes import DEFAULT_SHELL_TERMS
+
+__all__ = [
+    "BatchGroup",
+    "BatchMaps",
+    "bucket_size",
+    "pad_atoms",
+    "plan_batch",
+    "render_batch",
+    "render_poses",
+    "render_stacked",
+    "stack_volumes",
+]
+
+METHODS = ("gaussian", "fourier", "shells")
+
+
+def bucket_size(n: int, minimum: int = 256) -> int:
+    """The padded size of a structure of `n` atoms: the smallest of `minimum · 2^k` and
+    `1.5 · minimum · 2^k` that holds it (at most 50 % padding, few distinct sizes)."""
+    size = minimum
+    while True:
+        for s in (size, size * 3 // 2):
+            if s >= n:
+                return s
+        size *= 2
+
+
+def pad_atoms(atoms: Atoms, n: int) -> Atoms:
+    """`atoms` padded to `n` atoms with zero-occupancy copies of its first atom placed at the mean
+    position: they contribute exactly 0 to any map and do not move the structure's centre."""
+    k = atoms.positions.shape[0]
+    if k > n:
+        raise ValueError(f"cannot pad {k} atoms to {n}")
+    extra = n - k
+    centre = jnp.mean(atoms.positions, axis=0)
+    return Atoms(
+        jnp.concatenate([atoms.positions, jnp.broadcast_to(centre, (extra, 3))]),
+        jnp.concatenate([atoms.atomic_numbers, jnp.broadcast_to(atoms.atomic_numbers[:1], (extra,))]),
+        jnp.concatenate([atoms.b_factors, jnp.broadcast_to(atoms.b_factors[:1], (extra,))]),
+        jnp.concatenate([atoms.occupancies, jnp.zeros((extra,), atoms.occupancies.dtype)]),
+    )
+
+
+def stack_volumes(volumes: Sequence[AbstractVolume]) -> AbstractVolume:
+    """Volumes of one kind and size stacked on a leading axis (their shared tables are kept once)."""
+    axes = volumes[0].batch_axes()
+    spec = jax.tree.map(lambda a: a == 0, axes, is_leaf=lambda x: x is None)
+    spec = jax.tree.map(lambda a: False if a is None else a, spec, is_leaf=lambda x: x is None)
+    parts = [eqx.partition(v, spec) for v in volumes]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
+    return eqx.combine(stacked, parts[0][1])
+
+
+def _split(volumes: AbstractVolume):
+    """(stacked per-atom leaves, shared rest) of a stacked volume."""
+    axes = volumes.batch_axes()
+    spec = jax.tree.map(lambda a: a == 0 if a is not None else False, axes, is_leaf=lambda x: x is None)
+    return eqx.partition(volumes, spec)
+
+
+@eqx.filter_jit
+def render_stacked(
+    render_fn: AbstractRenderFn, volumes: AbstractVolume, batch_size: int | None = None
+) -> Float[Array, "B nz ny nx"]:
+    """The map of every volume of a stacked batch: `lax.map` over the leading axis, `batch_size`
+    volumes at a time (vmapped inside each step; `None`: all at once).
+
+    **Arguments:**
+
+    - `render_fn`: a planned render function (`with_bounds`, or `with_plan` of the stacked batch).
+    - `volumes`: volumes stacked on a leading axis (`stack_volumes`, `plan_batch`).
+    - `batch_size`: volumes per step, bounding the memory held at once.
+
+    **Returns:** `(B, nz, ny, nx)`; differentiable with respect to `volumes` (and `render_fn`'s arrays).
+    """
+    dynamic, static = _split(volumes)
+    n = jax.tree_util.tree_leaves(dynamic)[0].shape[0]
+    return lax.map(lambda d: render_fn(eqx.combine(d, static)), dynamic,
+                   batch_size=None if batch_size is None else min(int(batch_size), n))
+
+
+@eqx.filter_jit
+def render_poses(
+    render_fn: AbstractRenderFn,
+    volume: AbstractVolume,
+    rotations,
+    translations=None,
+    center=None,
+    batch_size: int | None = None,
+) -> Float[Array, "P nz ny nx"]:
+    """One map per pose of one volume: `x' = R (x - c) + c + t` (see `AbstractVolume.rotate_to_pose`).
+
+    **Arguments:**
+
+    - `render_fn`: a planned render function.
+    - `volume`: one structure's volume.
+    - `rotations`: `(P, 3, 3)` matrices or `(P, 4)` unit quaternions (w, x, y, z);
+      `modelmap.euler_to_matrix` turns RELION angles into matrices.
+    - `translations`: `(P, 3)` shifts in Å (default none).
+    - `center`: `(3,)` fixed point of the rotations in Å (default the mean of the positions).
+    - `batch_size`: poses per step of the `lax.map`.
+
+    **Returns:** `(P, nz, ny, nx)`.
+    """
+    rotations = jnp.asarray(rotations)
+    p = rotations.shape[0]
+    shifts = jnp.zeros((p, 3), volume.positions.dtype) if translations is None else jnp.asarray(translations)
+
+    def one(pose):
+        r, t = pose
+        return render_fn(volume.rotate_to_pose(r, center).translate_to_pose(t))
+
+    return lax.map(one, (rotations, shifts), batch_size=None if batch_size is None else min(int(batch_size), p))
+
+
+class BatchGroup(eqx.Module):
+    """Structures padded to one bucket size, stacked, with the render function that covers them.
+
+    - `volumes`: the stacked volumes `(B_g, n_bucket, ...)`, positions shifted into the reference grid.
+    - `render_fn`: the planned render function on the reference grid.
+    - `indices`: which structures of the batch, in order (static).
+    - `origins`: `(B_g, 3)` x, y, z in Å of each structure's grid point (0, 0, 0) (numpy, static).
+    """
+
+    volumes: AbstractVolume
+    render_fn: AbstractRenderFn
+    indices: tuple[int, ...] = eqx.field(static=True)
+    origins: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchMaps:
+    """The maps of a batch, in input order, and where each lies.
+
+    - `maps`: `(B, nz, ny, nx)` (Å⁻² for the electron table).
+    - `origins`: `(B, 3)` x, y, z in Å of each map's grid point (0, 0, 0).
+    - `shape`, `voxel_size`: the maps' common grid shape `(nz, ny, nx)` and voxel `(vx, vy, vz)` Å.
+    """
+
+    maps: Array
+    origins: np.ndarray
+    shape: tuple[int, int, int]
+    voxel_size: tuple[float, float, float]
+
+    def grid(self, i: int) -> Grid:
+        """The `Grid` of map `i` (for `write_map(path, maps[i], batch.grid(i))`)."""
+        return Grid(self.shape, self.voxel_size, tuple(float(x) for x in self.origins[i]))
+
+
+def _box_origins(structures: Sequence[Atoms], shape, voxel, names) -> np.ndarray:
+    """Origins (whole voxels) of boxes of `shape` centred on each structure; a structure that does
+    not fit is an error naming it."""
+    nz, ny, nx = shape
+    span = (np.array([nx, ny, nz]) - 1) * voxel
+    origins = []
+    for k, a in enumerate(structures):
+        p = np.asarray(a.positions, np.float64)
+        lo, hi = p.min(0), p.max(0)
+        origin = np.round(((lo + hi) / 2 - span / 2) / voxel) * voxel
+        if np.any(lo < origin - 1e-6) or np.any(hi > origin + span + 1e-6):
+            ext = hi - lo
+            raise InvalidAtomsError(
+                f"{names[k]} spans {ext[0]:.1f} x {ext[1]:.1f} x {ext[2]:.1f} Å (x, y, z), more than the "
+                f"box of {nx} x {ny} x {nz} voxels of {voxel[0]:g} Å holds "
+                f"({span[0]:.1f} x {span[1]:.1f} x {span[2]:.1f} Å); use a larger box or voxel size"
+            )
+        origins.append(origin)
+    return np.asarray(origins)
+
+
+def plan_batch(
+    structures: Sequence[Atoms],
+    resolution: float,
+    *,
+    method: Literal["gaussian", "fourier", "shells"] = "gaussian",
+    grid: Grid | None = None,
+    box: int | tuple[int, int, int] | None = None,
+    voxel_size: float | tuple[float, float, float] = 1.0,
+    sampling: Literal["average", "point"] | None = None,
+    table: str = "electron",
+    n_terms: int = DEFAULT_SHELL_TERMS,
+    bucket_minimum: int = 256,
+    b_step: float = 50.0,
+    b_margin: float = 0.0,
+    names: Sequence[str] | None = None,
+) -> list[BatchGroup]:
+    """Pad, group and stack a batch of structures, with a render function that covers all of them.
+
+    **Arguments:**
+
+    - `structures`: `Atoms`, one structure each (`(n_i, ...)`; concrete).
+    - `resolution`: D in Å (`method` decides its meaning, as in `modelmap.render_model`).
+    - `method`: `"gaussian"`, `"fourier"` (`SplatFourierRenderFn`: pure JAX on any device,
+      the NUFFT map to 1e-5; its windows and blur come from the bounds) or `"shells"`.
+    - `grid`: one grid shared by every map; or
+    - `box`: each map on a box of `box³` voxels (or `(nz, ny, nx)`) of `voxel_size` Å centred on
+      its structure.
+    - `sampling`: `"average"` (voxel means) or `"point"`; default: `"average"` for the Gaussian
+      method, `"point"` for the others (the shell map is always point-sampled).
+    - `table`: `"electron"` or `"xray"`.
+    - `n_terms`: shell terms kept (shell method).
+    - `bucket_minimum`: the smallest bucket size (`bucket_size`).
+    - `b_step`: the bounds' B range is rounded out to multiples of it (fewer distinct compilations).
+    - `b_margin`: extra B (Å²) the plan allows, for B that will be refined.
+    - `names`: a name per structure for error messages (default "structure k").
+
+    **Returns:** a list of `BatchGroup`, one per bucket size.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if (grid is None) == (box is None):
+        raise ValueError("give either a shared grid or a box size (one box per structure)")
+    structures = list(structures)
+    if not structures:
+        raise ValueError("the batch is empty")
+    names = list(names) if names is not None else [f"structure {k}" for k in range(len(structures))]
+    tab = get_table(table)
+    for k, a in enumerate(structures):
+        if not isinstance(a, Atoms) or a.positions.ndim != 2:
+            raise InvalidAtomsError(
+                f"{names[k]}: a batch holds single structures (Atoms of shape (n, ...)); an ensemble "
+                "is rendered as one mean map with modelmap.Ensemble"
+            )
+        if a.positions.shape[0] == 0:
+            raise InvalidAtomsError(f"{names[k]} has no atoms")
+        validate_atoms(a, names[k])
+        tab.check_elements(a.atomic_numbers, names[k])
+    if box is not None:
+        shape = (int(box),) * 3 if np.ndim(box) == 0 else tuple(int(b) for b in box)
+        voxel = np.broadcast_to(np.asarray(voxel_size, np.float64), (3,))
+        origins = _box_origins(structures, shape, voxel, names)
+        shifts = origins  # rendered on a reference grid at origin 0
+        ref = Grid(shape, tuple(voxel), (0.0, 0.0, 0.0))
+    else:
+        ref = grid
+        origins = np.tile(np.asarray(grid.origin), (len(structures), 1))
+        shifts = np.zeros_like(origins)
+    sampling = sampling or ("average" if method == "gaussian" else "point")
+    bounds = RenderBounds.covering(structures, resolution, b_margin=b_margin, table=table, b_step=b_step,
+                                   n_terms=n_terms)
+    if method == "gaussian":
+        render_fn = GaussianMixtureRenderFn(ref, sampling=sampling).with_bounds(bounds)
+    elif method == "fourier":
+        render_fn = SplatFourierRenderFn(ref, sampling=sampling, eps=1e-5).with_bounds(bounds)
+    else:
+        if sampling != "point":
+            raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
+        render_fn = ShellRenderFn(ref).with_bounds(bounds)
+
+    groups: dict[int, list[int]] = {}
+    for k, a in enumerate(structures):
+        groups.setdefault(bucket_size(a.positions.shape[0], bucket_minimum), []).append(k)
+    out = []
+    for size in sorted(groups):
+        members = groups[size]
+        vols = []
+        for k in members:
+            a = structures[k]
+            a = eqx.tree_at(lambda x: x.positions, a, a.positions - jnp.asarray(shifts[k], a.positions.dtype))
+            vols.append(_volume(method, pad_atoms(a, size), resolution, table, n_terms))
+        out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(members), np.asarray(origins[members])))
+    return out
+
+
+def _volume(method: str, atoms: Atoms, resolution, table: str, n_terms: int) -> AbstractVolume:
+    if method == "gaussian":
+        return GaussianMixtureVolume.from_atoms(atoms, resolution, table)
+    if method == "fourier":
+        return IndependentAtomVolume.from_atoms(atoms, resolution, table)
+    return ShellDecompositionVolume.from_atoms(atoms, resolution, table, n_terms=n_terms)
+
+
+def render_batch(
+    structures: Sequence[Atoms],
+    resolution: float,
+    *,
+    method: Literal["gaussian", "fourier", "shells"] = "gaussian",
+    grid: Grid | None = None,
+    box: int | tuple[int, int, int] | None = None,
+    voxel_size: float | tuple[float, float, float] = 1.0,
+    batch_size: int | None = 16,
+    **options,
+) -> BatchMaps:
+    """Render one map per structure (see `plan_batch` for the arguments; `batch_size` structures are
+    rendered at a time inside each bucket's `lax.map`).
+
+    **Returns:** `BatchMaps` with `maps` `(B, nz, ny, nx)` in input order and each map's origin.
+    """
+    groups = plan_batch(structures, resolution, method=method, grid=grid, box=box, voxel_size=voxel_size, **options)
+    shape = groups[0].render_fn.grid.shape
+    maps = [None] * len(structures)
+    origins = np.zeros((len(structures), 3))
+    for g in groups:
+        rendered = render_stacked(g.render_fn, g.volumes, batch_size)
+        for j, k in enumerate(g.indices):
+            maps[k] = rendered[j]
+            origins[k] = g.origins[j]
+    return BatchMaps(jnp.stack(maps), origins, shape, groups[0].render_fn.grid.voxel_size)
