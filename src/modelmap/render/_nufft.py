@@ -317,10 +317,14 @@ def _render_nufft(rf: NufftRenderFn, volume: IndependentAtomVolume, nufft1):
     from jax_finufft.options import Opts
 
     upsampfac = rf.upsampfac or (1.25 if rf.eps >= 1e-8 else 2.0)
+    if jax.config.jax_enable_x64 and dtype == jnp.float32:
+        # jax-finufft 1.3.1's JVP mixes complex64 and complex128 tangents when 64-bit types are on
+        # and the inputs are float32: transform in float64 there and come back
+        strengths, theta = strengths.astype(jnp.complex128), theta.astype(jnp.float64)
     fields = nufft1(
         modes, strengths, theta[:, 2], theta[:, 1], theta[:, 0], iflag=-1, eps=rf.eps,
         opts=Opts(upsampfac=upsampfac),
-    )
+    ).astype(cdtype)
     # fields: (Q, mz, my, mx), modes centred: index i <-> m = i - M
 
     sz = _axis_frequencies(modes[0], Nz, vz)
