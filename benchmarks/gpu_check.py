@@ -473,7 +473,7 @@ class Check:
                 big = mm_take(big, slice(0, 3000))
                 inputs["large"] = (big, "4YVS biological assembly (gemmi.make_assembly), its first 3,000 atoms")
             else:
-                inputs["317k"] = (big, "4YVS biological assembly (gemmi.make_assembly): 180-mer, 60 copies of 3 chains")
+                inputs["317k"] = (big, "4YVS biological assembly (gemmi.make_assembly): 12 operators on the 15 chains, 180 chains")
         self.inputs = {}
         for label, (atoms, what) in inputs.items():
             grid = mm_grid(atoms, a.voxel, a.padding)
@@ -507,7 +507,8 @@ class Check:
         def setup():
             t0 = time.perf_counter()
             with _on(device):
-                volume = mm_volume(renderer, atoms, res)
+                local = atoms if device is None else jax.device_put(atoms, device)
+                volume = mm_volume(renderer, local, res)
                 render_fn = mm_render_fn(renderer, grid, volume)
                 jax.block_until_ready(volume)
             state.update(volume=volume, render_fn=render_fn, setup_s=time.perf_counter() - t0)
@@ -771,6 +772,7 @@ def parse_args(argv=None):
     p.add_argument("--voxel", type=float, default=1.0, help="Å, the renderers' grids")
     p.add_argument("--padding", type=float, default=5.0, help="Å around the atoms")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-cpu-backend", action="store_true", help="run the GPU sizes even when JAX has no GPU")
     p.add_argument("--inject-error", default="", help=argparse.SUPPRESS)  # tests: name prefixes that raise
     args = p.parse_args(argv)
     cpu = args.cpu
@@ -824,6 +826,11 @@ def main(argv=None) -> int:
         report.abort("no data folder: set MODELMAP_TEST_DATA, or carry benchmarks/.gpu_carry/data")
         print("no data folder found (MODELMAP_TEST_DATA, benchmarks/.gpu_carry/data, ../shared/data)", file=sys.stderr)
         return 2
+    if not args.cpu and jax.default_backend() == "cpu" and not args.allow_cpu_backend:
+        # JAX found no GPU (or its CUDA plugin failed): the GPU sizes would only burn device time
+        report.abort("JAX's backend is the CPU: no GPU found (see the jax lines of the log); pass --cpu for a dry run")
+        print("JAX's default backend is the CPU: no GPU found. Stopping (use --cpu for a dry run).", file=sys.stderr)
+        return 4
     budget = Budget(args.budget_s, report)
     args.data = str(data)
     check = Check(args, report, budget)

@@ -31,6 +31,9 @@ fi
 export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ -f "$CARRY/data/README.md" ]; then export MODELMAP_TEST_DATA="$PWD/$CARRY/data"; fi
 export PYTHONUNBUFFERED=1
+# fail loudly if the CUDA plugin does not start, rather than fall back to the CPU (the CPU stays
+# available for the NUFFT, whose PyPI wheel has no GPU kernel); --cpu dry runs leave it alone
+case " $* " in *" --cpu "*) ;; *) export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda,cpu}" ;; esac
 
 echo "== nvidia-smi"
 nvidia-smi || echo "(nvidia-smi not available)"
