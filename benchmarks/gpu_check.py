@@ -46,7 +46,6 @@ import datetime
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
