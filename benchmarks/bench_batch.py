@@ -68,7 +68,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import modelmap as mm  # noqa: E402
-from modelmap.batch import plan_batch, render_stacked  # noqa: E402
+try:
+    from modelmap.batch import plan_batch, render_stacked
+except ImportError as _err:  # before the batch API lands
+    raise SystemExit(f"bench_batch.py needs the batch API, modelmap.batch ({type(_err).__name__}: {_err})") from None
 
 
 def mm_read_atoms(path):
