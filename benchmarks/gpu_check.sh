@@ -9,13 +9,16 @@
 # It installs the carried wheels (benchmarks/.gpu_carry/wheels) into a --target folder put on
 # PYTHONPATH (the image's site-packages is left alone), runs modelmap from src/, reads the carried
 # data (benchmarks/.gpu_carry/data), prints nvidia-smi and JAX's devices, and runs
-# benchmarks/gpu_check.py, which writes $OUT/gpu_check.json (else benchmarks/results/gpu/...).
+# benchmarks/gpu_check.py, which writes $OUT/gpu_check.json (else benchmarks/results/gpu/...);
+# with $OUT set, the log goes to $OUT/gpu_check.log too.
 # The whole run is kept under GPU_CHECK_BUDGET_S (default 470 s, i.e. under 8 minutes):
 # gpu_check.py gets what is left after the install as its own budget.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$(date +%s)
+# the whole log comes back with the JSON (the device tool returns what is under $OUT)
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
 CARRY=benchmarks/.gpu_carry
 PY="${PYTHON:-python3}"
 SITE="${GPU_CHECK_SITE:-/tmp/modelmap_site}"
