@@ -1,6 +1,7 @@
 """Small references shared by the tests: Pearson CC and float64 central-difference gradient checks."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,8 +17,9 @@ def assert_gradients_match_central_differences(loss, atoms, picks, h=1e-5, rtol=
     """`jax.grad` of `loss(atoms)` equals float64 central differences at the picked entries.
 
     `picks` maps a leaf name of `Atoms` to a list of indices; the tolerance is `rtol` times the
-    largest gradient entry of that leaf.
+    largest gradient entry of that leaf. Needs 64-bit types: mark the test `x64`.
     """
+    assert jax.config.jax_enable_x64, "float64 central differences: mark the test @pytest.mark.x64"
     grads = eqx.filter_jit(eqx.filter_grad(loss))(atoms)
     loss_j = eqx.filter_jit(loss)
     for leaf, indices in picks.items():

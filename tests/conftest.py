@@ -1,5 +1,10 @@
 """Shared fixtures.
 
+Precision: a test that needs float64 (a float64 reference, a check against float64 finite
+differences, a tolerance only float64 reaches) says so with `@pytest.mark.x64` (on the test, on one
+`pytest.param`, or as a module's `pytestmark`): `jax_enable_x64` is then on for that test, and the
+previous setting is restored afterwards.
+
 Real EMDB maps and PDB models are read in place from the project's shared data folder (never copied
 into the repository). It is looked up as `$MODELMAP_TEST_DATA`, else `../shared/data` beside the
 repository; tests that need it are skipped with the reason when it is absent (a user's machine).
@@ -14,9 +19,25 @@ import jax
 import pytest
 
 # float64 references run next to the float32 defaults; modelmap itself always passes dtypes
+# (still on for the whole suite until every test that needs float64 is marked x64)
 jax.config.update("jax_enable_x64", True)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _x64_when_marked(request):
+    """`jax_enable_x64` on for a test marked `x64`, the previous setting restored afterwards (also
+    when the test fails); nothing for the others."""
+    if request.node.get_closest_marker("x64") is None:
+        yield
+        return
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
 
 
 def _find_shared_data() -> Path | None:

@@ -68,6 +68,7 @@ def _direct_synthesis(render_fn, pos, z, b, occ, table="electron"):
     return rho.reshape(grid.shape)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("table", ["electron", "xray"])
 def test_equals_direct_fourier_synthesis(table):
     rng = np.random.default_rng(0)
@@ -97,6 +98,7 @@ def test_float32_default_accuracy():
     assert np.max(np.abs(ours - ref)) <= 1e-5 * np.max(np.abs(ref))
 
 
+@pytest.mark.x64
 def test_one_atom_radial_profile_is_the_exact_image():
     d, b = 3.0, 0.0
     grid = mm.Grid((48, 48, 48), 1.0, (-24.0, -24.0, -24.0))
@@ -114,6 +116,7 @@ def test_one_atom_radial_profile_is_the_exact_image():
     assert np.argmin(line[:6]) == 3 and line[3] < 0
 
 
+@pytest.mark.x64
 def test_average_sampling_is_the_voxel_mean():
     grid = mm.Grid((16, 16, 16), 1.0, (-8.0, -8.0, -8.0))
     atoms = mm.Atoms(jnp.asarray([[0.2, -0.3, 0.1]], jnp.float64), [8], jnp.asarray([30.0]), jnp.ones(1))
@@ -182,6 +185,7 @@ def test_agrees_with_gemmi_fft_route_on_real_maps(shared_data, model_file, map_f
     assert cc >= 0.999 and rel <= 1e-3, (cc, rel)
 
 
+@pytest.mark.x64
 def test_gradients_equal_float64_central_differences():
     rng = np.random.default_rng(3)
     n = 6

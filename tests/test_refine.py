@@ -45,6 +45,7 @@ def _rmsd(a, b):
 
 # ---- map terms -----------------------------------------------------------------------------
 
+@pytest.mark.x64
 def test_least_squares_loss_is_the_fitted_residual():
     rng = np.random.default_rng(0)
     t = rng.normal(size=(6, 7, 8))
@@ -66,6 +67,7 @@ def test_least_squares_loss_is_the_fitted_residual():
     assert float(masked_cc(jnp.zeros_like(jnp.asarray(t)), jnp.asarray(t))) == 0.0
 
 
+@pytest.mark.x64
 def test_least_squares_gradient_matches_finite_differences():
     rng = np.random.default_rng(1)
     t = jnp.asarray(rng.normal(size=(5, 5, 5)))
@@ -94,6 +96,7 @@ def test_splat_fourier_map_equals_the_nufft_fourier_map(sampling):
     assert np.abs(out_x - ref_x).max() <= 1e-4 * np.abs(ref_x).max()
 
 
+@pytest.mark.x64
 def test_splat_fourier_gradients_match_the_nufft_route():
     model = _helix("AAGAA")
     grid = Grid.around_positions(np.asarray(model.atoms.positions), voxel_size=1.0, padding=5.0)
@@ -125,6 +128,7 @@ def test_splat_fourier_refuses_nyquist_and_traced_planning():
         jax.jit(lambda v: SplatFourierRenderFn(grid, 3.0)(v))(vol)
 
 
+@pytest.mark.x64
 def test_rotation_is_rodrigues():
     from scipy.spatial.transform import Rotation
 

@@ -23,6 +23,7 @@ def test_xray_table_is_gemmi_it92_with_constant_as_b0_gaussian():
     assert abs(float(t.f0(16)) - 16) < 0.01
 
 
+@pytest.mark.x64
 def test_electron_f0_of_carbon():
     t = mm.get_table("electron", dtype=np.float64)
     # ITC 4.3.2.2 carbon: f(0) = sum a_k = 2.5088 Å

@@ -43,6 +43,7 @@ def f0(z, table="electron"):
 
 # -- §12.1 exact images: the runtime's exact ρ0(D) against §3.1 ------------------------------------
 
+@pytest.mark.x64
 @pytest.mark.parametrize(
     "z, values",
     [
@@ -70,6 +71,7 @@ def _radial_quadrature(n=4000, r_max=40.0):
     return 0.5 * r_max * (x + 1), 0.5 * r_max * w
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("radius, width", [(0.0, 10.0), (1.5, 5.0), (3.0, 2.0), (0.9, 20.0)])
 def test_omega_has_unit_integral_and_its_fourier_transform(radius, width):
     r, w = _radial_quadrature()
@@ -81,6 +83,7 @@ def test_omega_has_unit_integral_and_its_fourier_transform(radius, width):
         assert ft == pytest.approx(expected, abs=1e-12), s
 
 
+@pytest.mark.x64
 def test_omega_limits_and_finite_gradients_at_the_origin():
     r = jnp.linspace(0.0, 5.0, 51)
     gauss = (4 * np.pi / 7.0) ** 1.5 * np.exp(-4 * np.pi**2 * np.asarray(r) ** 2 / 7.0)
@@ -100,6 +103,7 @@ def test_omega_limits_and_finite_gradients_at_the_origin():
     assert float(below) == pytest.approx(float(above), rel=1e-8)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("radius, width, blur", [(1.5, 5.0, 10.0), (2.8, 3.0, 4.0), (0.0, 8.0, 2.0)])
 def test_blur_identity_by_direct_radial_convolution(radius, width, blur):
     """Ω(.; R, B) * g(.; B0) = Ω(.; R, B + B0), with the 3-D convolution of radial functions
@@ -133,6 +137,7 @@ def test_tables_ship_with_metadata_and_cover_the_required_elements(name):
     assert info["max_fit_error"] <= 1e-4
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("d", [2.0, 3.0, 4.0, 6.0])
 def test_fit_error_of_the_full_table_is_below_1e4th_of_the_peak(d):
     """Independently of the stored error: rebuild the image from all tabulated terms and compare
@@ -144,6 +149,7 @@ def test_fit_error_of_the_full_table_is_below_1e4th_of_the_peak(d):
         assert np.max(np.abs(model - exact)) / exact[0] <= 1e-4, (z, d)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("d", [2.0, 3.0, 4.0, 6.0])
 def test_truncation_error_and_mass_of_kept_terms(d):
     r = np.linspace(0, 12 * d, 2401)
@@ -159,6 +165,7 @@ def test_truncation_error_and_mass_of_kept_terms(d):
         assert 0.94 <= mass / f0(6) <= 1.06, (k, mass / f0(6))
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("d", [2.0, 3.0, 4.0, 6.0])
 def test_b_transfer_from_the_b0_fit(d):
     r = np.linspace(0, 11 * d, 1101)
@@ -167,6 +174,7 @@ def test_b_transfer_from_the_b0_fit(d):
     assert np.max(np.abs(model - exact)) / exact[0] <= 1e-4
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("z", [6, 1, 16, 26])
 def test_interpolation_in_d_at_the_grid_midpoints(z):
     """Every midpoint of the 0.1 Å grid for C, a spread of them for the others: the interpolated
@@ -182,6 +190,7 @@ def test_interpolation_in_d_at_the_grid_midpoints(z):
     assert worst <= 1e-4, worst
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("d", [1.55, 2.5, 3.37, 6.05])
 def test_d_derivative_matches_the_exact_leibniz_formula(d):
     """dρ/dD from autodiff through the table interpolation vs
@@ -213,6 +222,7 @@ def _small_volume(dtype=jnp.float64, n_terms=6):
     return mm.ShellDecompositionVolume.from_atoms(atoms, res, table, n_terms=n_terms)
 
 
+@pytest.mark.x64
 def test_one_atom_on_a_grid_is_its_radial_profile():
     vol = _small_volume()
     vol = eqx.tree_at(lambda v: (v.positions, v.resolutions), vol,
@@ -251,6 +261,7 @@ def test_jit_and_vmap_equal_eager():
                                    atol=1e-6 * np.abs(eager).max())
 
 
+@pytest.mark.x64
 def test_gradients_equal_float64_central_differences():
     vol = _small_volume()
     grid = mm.Grid((24, 24, 24), 0.5)
@@ -271,6 +282,7 @@ def test_gradients_equal_float64_central_differences():
     )
 
 
+@pytest.mark.x64
 def test_float32_profile_tables_give_the_exact_gradients():
     """The float32 path renders and differentiates through per-atom radial tables (ShellProfileKernel);
     its gradients in every parameter equal the float64 exact-term gradients to ~1e-5 of their scale."""
