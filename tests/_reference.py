@@ -1,9 +1,12 @@
-"""Small references shared by the tests: Pearson CC and float64 central-difference gradient checks."""
+"""Small references shared by the tests: Pearson CC, scattering factors in numpy float64 and float64
+central-difference gradient checks."""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from modelmap.scattering._tables import _coefficients
 
 
 def cc(a, b):
@@ -11,6 +14,16 @@ def cc(a, b):
     a = a - a.mean()
     b = b - b.mean()
     return jnp.sum(a * b) / jnp.sqrt(jnp.sum(a * a) * jnp.sum(b * b))
+
+
+def scattering_factor(z, s, table="electron"):
+    """f(s) = Σ_k a_k exp(-b_k s²/4) of atomic numbers `z` at frequencies `s` (Å⁻¹; broadcast
+    against each other), in numpy float64 from the table's coefficients: a float64 reference that
+    needs no 64-bit JAX types."""
+    a, b, _ = _coefficients(table)
+    z = np.asarray(z)
+    s2 = np.asarray(s, np.float64)[..., None] ** 2
+    return np.sum(a[z] * np.exp(-b[z] * s2 / 4), axis=-1)
 
 
 def assert_gradients_match_central_differences(loss, atoms, picks, h=1e-5, rtol=1e-5):

@@ -16,7 +16,7 @@ import modelmap as mm
 from modelmap.render._shells import omega
 from modelmap.scattering import atomic_image
 
-from ._reference import assert_gradients_match_central_differences, cc
+from ._reference import assert_gradients_match_central_differences, cc, scattering_factor
 
 def table64(name="electron"):
     return mm.get_shell_table(name, dtype=jnp.float64)
@@ -422,11 +422,10 @@ def test_on_3ajo_the_fourier_map_is_exact_and_the_shell_map_is_truncated(shared_
     xyz = idx[:, ::-1] * np.asarray(grid.voxel_size) + np.asarray(grid.origin)
     pos = np.asarray(atoms.positions, np.float64)
     z = np.asarray(atoms.atomic_numbers)
-    table = mm.get_table("electron", np.float64)
     x, w = np.polynomial.legendre.leggauss(300)
     s, w = (x + 1) / (2 * d), w / (2 * d)
     # F_j(s) = q_j f_j(s) exp(-B_j s²/4); ρ(r) = Σ_j ∫ 4π s² F_j(s) sinc(2 s r) ds
-    f = np.asarray(table(z[:, None], s[None, :])) * np.exp(-np.asarray(atoms.b_factors, np.float64)[:, None] * s**2 / 4)
+    f = scattering_factor(z[:, None], s[None, :]) * np.exp(-np.asarray(atoms.b_factors, np.float64)[:, None] * s**2 / 4)
     f *= np.asarray(atoms.occupancies, np.float64)[:, None]
     kernel = w * 4 * np.pi * s**2 * f  # (n, nodes)
     exact = np.asarray([np.sum(kernel * np.sinc(2 * s[None, :] * np.linalg.norm(pos - p, axis=1)[:, None])) for p in xyz])
