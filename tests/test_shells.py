@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import modelmap as mm
+from modelmap._peptide import ideal_peptide
+from modelmap.io import model_from_structure
 from modelmap.render._shells import omega
 from modelmap.scattering import atomic_image
 
@@ -243,6 +245,31 @@ def test_one_atom_on_a_grid_is_its_radial_profile():
     assert np.max(np.abs(m - expected)) <= 1e-4 * np.abs(expected).max()
 
 
+def test_one_atom_on_a_grid_in_float32_is_its_radial_profile():
+    """The default float32 render (per-atom radial profile tables, `ShellProfileKernel`) of one atom
+    against Σ_m C_m Ω(r; R_m, B_m) in numpy float64 for the same float32 shell parameters, in the
+    ball the renderer evaluates completely. Allowed: the tables' cubic interpolation error (at most
+    about 1e-6 of the peak) plus float32 rounding (eps32 = 1.19e-7 of the peak per operation).
+    Measured: 3.9e-7 of the peak (3.3 eps32)."""
+    atoms = mm.Atoms(jnp.asarray([[6.13, 5.77, 6.41]]), [6], jnp.asarray([22.0]), jnp.ones(1))
+    vol = mm.ShellDecompositionVolume.from_atoms(atoms, 2.7)
+    assert vol.positions.dtype == jnp.float32  # the default, as users run it
+    grid = mm.Grid((40, 36, 32), (0.4, 0.45, 0.5))
+    m = np.asarray(mm.ShellRenderFn(grid)(vol))
+    assert m.dtype == np.float32
+    radii, widths, amps = (np.asarray(x, np.float64)[0] for x in vol.shell_parameters())
+    r = np.linalg.norm(grid.coordinates() - np.asarray(vol.positions[0], np.float64), axis=-1)[..., None]
+    a = 4 * np.pi**2 / widths
+    t = 4 * a * radii * r
+    phi = np.where(t > 0, -np.expm1(-t) / np.where(t > 0, t, 1.0), 1.0)
+    expected = np.sum(amps * (4 * np.pi / widths) ** 1.5 * np.exp(-a * (r - radii) ** 2) * phi, axis=-1)
+    peak = np.abs(expected).max()
+    # inside the ball every kept term is evaluated completely (beyond it the window's corners)
+    inside = r[..., 0] <= np.max(radii + 3 * np.sqrt(widths / (8 * np.pi**2)))
+    assert inside.sum() > 10000
+    assert np.max(np.abs(m - expected)[inside]) <= 1.5e-6 * peak  # 1e-6 interpolation + ~4 eps32 rounding
+
+
 def test_jit_and_vmap_equal_eager():
     vol = _small_volume(jnp.float32)
     grid = mm.Grid((24, 24, 24), 0.5)
@@ -366,6 +393,32 @@ def test_threads_split_the_atoms_and_add_up_to_one_computation():
                                atol=1e-6 * np.abs(single).max())
     with pytest.raises(ValueError, match="threads"):
         mm.ShellRenderFn(grid, threads=0)
+
+
+def test_one_and_two_cpu_threads_give_the_same_map_up_to_float32_rounding():
+    """`threads=2` deals the chunks of atoms over two threads, each rendering its share into a map
+    of its own, and adds the two maps; `threads=1` adds every window into one map. The maps differ
+    only in the order the float32 windows are added. Measured on this 57-atom peptide (float32,
+    0.8 Å voxels, 11070 of 27869 voxels differ): max |difference| = 2.0e-7 of the map's peak,
+    1.7 eps32 (eps32 = 2^-23 = 1.19e-7). Asserted: at most 8 eps32 of the peak."""
+    model = model_from_structure(ideal_peptide("AAGAAAGAAAGA"))
+    a = model.atoms
+    n = a.n_atoms
+    rng = np.random.default_rng(0)
+    atoms = mm.Atoms(a.positions, a.atomic_numbers, rng.uniform(25.0, 30.0, n), rng.uniform(0.5, 1.0, n))
+    vol = mm.ShellDecompositionVolume.from_atoms(atoms, rng.uniform(2.7, 2.8, n))
+    assert vol.positions.dtype == jnp.float32  # the default, as users run it
+    grid = mm.Grid.around_positions(np.asarray(a.positions), 0.8, 5.0)
+    one = mm.ShellRenderFn(grid, chunk_size=4, threads=1)
+    two = dataclasses.replace(one, threads=2)
+    # both threads get atoms to render (chunks of 4: the split is not all in one part)
+    parts = one.with_plan(vol).plan.split(2)
+    assert all(sum(int(np.asarray(b.mask).sum()) for b in p.buckets) > 10 for p in parts)
+    single, double = np.asarray(one(vol)), np.asarray(two(vol))
+    assert single.dtype == double.dtype == np.float32
+    peak = np.abs(single).max()
+    eps32 = float(np.finfo(np.float32).eps)
+    assert np.max(np.abs(double.astype(np.float64) - single)) <= 8 * eps32 * peak
 
 
 def test_three_atoms_in_a_box_are_the_sum_of_their_exact_images():
