@@ -500,6 +500,7 @@ def test_jitted_ccs_equal_the_float64_scores():
     assert float(const) == 0.0
 
 
+@pytest.mark.x64
 def test_gradient_with_respect_to_map_values_equals_finite_differences():
     rng = np.random.default_rng(6)
     a = rng.normal(size=(6, 7, 8))
@@ -516,6 +517,7 @@ def test_gradient_with_respect_to_map_values_equals_finite_differences():
             assert abs(g[idx] - fd) < 1e-7 * max(1.0, np.abs(g).max()), (idx, g[idx], fd)
 
 
+@pytest.mark.x64
 @pytest.mark.slow
 def test_gradient_with_respect_to_positions_through_render_equals_finite_differences():
     rng = np.random.default_rng(7)

@@ -33,6 +33,7 @@ def _density(points, atoms, table):
     return out
 
 
+@pytest.mark.x64
 def test_voxel_averages_equal_dense_integration_float64():
     atoms = _atoms()
     grid = mm.Grid((12, 11, 10), (0.9, 0.85, 1.0), (0.2, 0.0, -0.3))
@@ -53,6 +54,7 @@ def test_voxel_averages_equal_dense_integration_float64():
     assert np.max(np.abs(ours - ref)) <= 1e-6 * peak
 
 
+@pytest.mark.x64
 def test_point_samples_equal_the_density():
     atoms = _atoms(seed=1)
     grid = mm.Grid((10, 10, 10), 0.8, (0.5, 0.7, 1.0))
@@ -63,7 +65,7 @@ def test_point_samples_equal_the_density():
     assert np.max(np.abs(ours - ref)) <= 1e-6 * ref.max()
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.x64)])
 def test_map_integral_equals_sum_of_occupancy_times_f0(dtype):
     atoms = _atoms(dtype=dtype, centre=(10.0, 10.0, 10.0))
     grid = mm.Grid((24, 24, 24), 0.9, (-1.0, -1.0, -1.0))
@@ -110,6 +112,7 @@ def test_point_map_equals_gemmi_density_calculator_3ajo(shared_data):
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99999
 
 
+@pytest.mark.x64
 def test_gradients_of_cc_loss_equal_float64_central_differences():
     model = model_from_structure(ideal_peptide("AGAA"), dtype=jnp.float64)
     atoms = model.atoms
@@ -153,6 +156,7 @@ def test_jit_vmap_and_plain_call_agree():
         np.testing.assert_allclose(maps[i], np.asarray(render_fn(one)), rtol=1e-5, atol=1e-6 * plain.max())
 
 
+@pytest.mark.x64
 def test_atoms_near_and_beyond_the_edges():
     """A crop rendered directly equals the same crop of a larger map (padding logic)."""
     atoms = _atoms(n=3, dtype=np.float64, centre=(0.0, 0.0, 0.0), b=(10.0, 30.0, 60.0))
@@ -167,6 +171,7 @@ def test_atoms_near_and_beyond_the_edges():
     np.testing.assert_allclose(m_small, m_big[15:23, 12:21, 14:24], atol=1e-12)
 
 
+@pytest.mark.x64
 def test_ensemble_renders_the_mean_map():
     st = ideal_peptide("AAA")
     a = model_from_structure(st, dtype=jnp.float64).atoms

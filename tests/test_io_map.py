@@ -15,6 +15,7 @@ def _z_score(density: mm.DensityMap, positions) -> float:
     return float(np.mean((values - data.mean()) / data.std()))
 
 
+@pytest.mark.x64
 def test_trilinear_matches_scipy():
     rng = np.random.default_rng(3)
     data = rng.normal(size=(6, 7, 8))

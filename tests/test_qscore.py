@@ -208,6 +208,7 @@ def test_mapq_parity_per_atom(shared_data, chain_a, mapq_run):
     assert err.max() < 0.00052
 
 
+@pytest.mark.x64
 def test_atomic_model_is_scored_at_file_coordinates(shared_data, chain_a, chain_a_probes, mapq_run):
     """read_model keeps float32 positions; q_score takes the file's float64 coordinates instead."""
     regridded, scores = mapq_run
@@ -450,6 +451,7 @@ def test_differentiable_equals_exact_chain_a(chain_a_probes, mapq_run):
     assert np.corrcoef(q32, exact.q)[0, 1] >= 0.99
 
 
+@pytest.mark.x64
 def test_differentiable_equals_exact_float64_and_gradient(emd, chain_a, subset):
     pick, pos, probes = subset
     exact = q_score(emd, chain_a, selection=pick, probes=probes, interpolation="float64").q[pick]

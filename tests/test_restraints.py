@@ -132,6 +132,7 @@ def test_ideal_peptide_is_near_the_minimum():
     assert float(r.energy_terms(x)["chirality"]) < 0.5
 
 
+@pytest.mark.x64
 def test_gradient_matches_float64_finite_differences():
     model = model_from_structure(ideal_peptide("AGAA"), dtype=jnp.float64)
     r = build_restraints(model, dtype=jnp.float64)

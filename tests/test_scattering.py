@@ -14,15 +14,17 @@ def test_electron_table_is_gemmi_c4322():
 
 
 def test_xray_table_is_gemmi_it92_with_constant_as_b0_gaussian():
-    t = mm.get_table("xray", dtype=np.float64)
+    t = mm.get_table("xray")  # the default float32 table
     el = gemmi.Element("S")
     s = np.linspace(0, 1.5, 7)  # 1/d in 1/Å
     expected = [el.it92.calculate_sf(float(v / 2) ** 2) for v in s]  # gemmi takes (sinθ/λ)²
-    np.testing.assert_allclose(np.asarray(t(16, s)), expected, rtol=1e-6)  # gemmi stores float32
+    # gemmi stores float32 coefficients; float32 evaluation: measured max relative difference 8e-8
+    np.testing.assert_allclose(np.asarray(t(16, s)), expected, rtol=1e-6)
     # f(0) = number of electrons (to the fit's accuracy)
     assert abs(float(t.f0(16)) - 16) < 0.01
 
 
+@pytest.mark.x64
 def test_electron_f0_of_carbon():
     t = mm.get_table("electron", dtype=np.float64)
     # ITC 4.3.2.2 carbon: f(0) = sum a_k = 2.5088 Å
