@@ -110,6 +110,30 @@ def test_unplanned_traced_render_says_how_to_plan():
             eqx.filter_jit(lambda v, fn=fn: fn(v))(cls.from_atoms(atoms, D[kind]))
 
 
+def test_render_model_under_jit_says_what_to_do_instead():
+    atoms = _atoms("AAA")
+    grid = mm.Grid.around_positions(atoms.positions, 1.0, 6.0)
+    with pytest.raises(ValueError, match="with_plan"):
+        eqx.filter_jit(lambda a: mm.render_model(a, grid, 2.0))(atoms)
+
+
+def test_a_plan_for_a_stacked_batch_covers_every_member():
+    a = _atoms("AAGAA", b=20.0)
+    b = eqx.tree_at(lambda x: (x.positions, x.b_factors), a, (a.positions + 0.4, a.b_factors + 60.0))
+    grid = mm.Grid.around_positions(a.positions, 1.0, 9.0)
+    for kind in ("gaussian", "splat", "nufft", "shells"):
+        cls, fn = _pair(kind, grid)
+        va, vb = cls.from_atoms(a, D[kind]), cls.from_atoms(b, D[kind])
+        axes = va.batch_axes()
+        stacked = mm.batch.stack_volumes([va, vb])
+        planned = fn.with_plan(stacked)
+        maps = eqx.filter_vmap(lambda v: planned(v), in_axes=(axes,))(stacked)
+        for k, v in enumerate((va, vb)):
+            ref = fn.with_plan(v)(v)
+            tol = (1e-4 if kind == "splat" else 5e-6) * float(jnp.max(jnp.abs(ref)))
+            assert float(jnp.max(jnp.abs(maps[k] - ref))) <= tol, kind
+
+
 def test_another_structure_of_the_same_shapes_does_not_recompile():
     """Plans from `with_plan` keep data-derived values (the Fourier B range, the aliasing blur) in
     arrays: a new structure with the same number of atoms and bucket sizes reuses the compilation."""

@@ -4,6 +4,7 @@ from ._batch import (
     BatchGroup as BatchGroup,
     BatchMaps as BatchMaps,
     bucket_size as bucket_size,
+    default_batch_size as default_batch_size,
     pad_atoms as pad_atoms,
     plan_batch as plan_batch,
     render_batch as render_batch,

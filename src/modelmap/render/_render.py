@@ -15,7 +15,7 @@ from ..volumes import (
     IndependentAtomVolume,
     ShellDecompositionVolume,
 )
-from ._base import AbstractRenderFn
+from ._base import AbstractRenderFn, is_traced
 from ._gaussian_mixture import GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn
 from ._shells import ShellRenderFn
@@ -71,6 +71,13 @@ def render_model(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if is_traced(atoms, resolution):
+        raise ValueError(
+            "render_model checks and plans concrete inputs, and these are traced (inside jit/grad/vmap). "
+            "Inside a transformation build a volume and a planned render function outside it, e.g. "
+            "`fn = GaussianMixtureRenderFn(grid).with_plan(GaussianMixtureVolume.from_atoms(atoms, D))` "
+            "(or `.with_bounds(RenderBounds(...))`), then call `fn(GaussianMixtureVolume.from_atoms(atoms, D))`"
+        )
     validate_atoms(atoms.atoms if isinstance(atoms, Ensemble) else atoms)
     tab = get_table(table)
     tab.check_elements(atoms.atoms.atomic_numbers if isinstance(atoms, Ensemble) else atoms.atomic_numbers)

@@ -328,9 +328,13 @@ def _flatten(volume: ShellDecompositionVolume) -> ShellDecompositionVolume:
 
 
 def _cpu_threads(threads: int | None, volume: ShellDecompositionVolume) -> int:
-    """How many threads render a call: 1 when traced or off the CPU, else `threads` (default: the
-    cores this process may use, at most 8)."""
+    """How many threads render a call: 1 when traced, in float64 or off the CPU, else `threads`
+    (default: the cores this process may use, at most 8)."""
     if is_traced(volume):  # first: a tracer is a jax.Array too, without devices
+        return 1
+    if jnp.dtype(volume.positions.dtype).itemsize > 4:
+        # float64 (exact terms, references): one computation, since a thread-local
+        # `jax.enable_x64(True)` of the caller would not reach worker threads
         return 1
     pos = volume.positions
     devices = pos.devices() if isinstance(pos, jax.Array) else {jax.devices()[0]}  # numpy: the default device

@@ -20,6 +20,7 @@ from importlib import resources
 
 import equinox as eqx
 import gemmi
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -157,17 +158,23 @@ def load_shell_table(path, dtype=jnp.float32) -> ShellTable:
     )
 
 
-@functools.cache
 def get_shell_table(name: str = "electron", dtype=jnp.float32) -> ShellTable:
     """The shipped shell table fitted to scattering table `name` (`"electron"` or `"xray"`).
 
     **Arguments:**
 
     - `name`: `"electron"` (ITC 4.3.2.2 / Peng 1996) or `"xray"` (IT92).
-    - `dtype`: floating dtype of the arrays.
+    - `dtype`: floating dtype of the arrays (float64 is float32 while 64-bit types are off).
 
     **Returns:** a `ShellTable` (cached: the same immutable table for the same arguments).
     """
+    # cached by the dtype JAX will really use, so that a float64 table asked for while 64-bit
+    # types are off is not served as float32 after they are turned on
+    return _shell_table(name, jax.dtypes.canonicalize_dtype(dtype))
+
+
+@functools.cache
+def _shell_table(name: str, dtype) -> ShellTable:
     if name not in ("electron", "xray"):
         raise ValueError(f"unknown shell table {name!r}; choose 'electron' or 'xray'")
     path = resources.files("modelmap.shells") / "data" / f"shells_{name}_v1.npz"
