@@ -1,11 +1,12 @@
 """Benchmark: many small structures into one box each, through modelmap's batch API, on this CPU.
 
-The structures are contiguous residue ranges (whole residues, random starts, seed 0) of 7CEC's
-chains, of 300-3,000 atoms (uniform; `--quick`: 300-1,000), each rendered into its own box of
+The structures are compact regions of 7CEC (the whole residues nearest a random residue, seed 0:
+balls of protein; contiguous residue ranges of 3,000 atoms span > 100 Å, more than the box), of
+300-3,000 atoms (uniform; `--quick`: 300-1,000), each rendered into its own box of
 64³ voxels of 1.5 Å centred on it (`plan_batch` places the boxes). For batches of the first
 B = 1, 8, 64, 256 structures (`--quick`: 1, 8), in one run:
 
-- modelmap, `plan_batch` + `render_stacked` (`batch_size` 64 structures at a time) jitted as a
+- modelmap, `plan_batch` + `render_stacked` (`batch_size`: `default_batch_size()`, 1 on the CPU) jitted as a
   whole: the Gaussian mixture (exact voxel averages, resolution 1.5 Å: extra blur 4 D²), the shell
   decomposition (4 Å, 6 terms) and the splat-Fourier map (4 Å); the forward maps, and value_and_grad
   of sum(maps²) with respect to the stacked volumes (the batch API's own example). Compilation
@@ -53,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import cpu_model, cut_compact_regions
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "emd30342_7cec/390_7cec.cif.gz"
 RESOLUTION = {"gaussian": 1.5, "shells": 4.0, "fourier": 4.0}  # Å, per batch method
@@ -99,7 +102,9 @@ def mm_plan(structures, method, resolution, box, voxel):
 
 
 def mm_render_stacked(render_fn, volumes, batch_size):
-    return render_stacked(render_fn, volumes, batch_size=batch_size)
+    from modelmap.batch import default_batch_size
+
+    return render_stacked(render_fn, volumes, batch_size=batch_size or default_batch_size())
 
 
 def mm_alone(method, atoms, resolution, box, voxel, origin):
@@ -157,25 +162,6 @@ def time_jitted(func, args, repeats, cap_s):
     med = statistics.median(times) if times else t2 - t1
     return {"status": "ok", "error": None, "compile_s": t1 - t0, "first_run_s": t2 - t1, "median_s": med,
             "times_s": times}, out
-
-
-def cut_residue_ranges(chain, residue, sizes, rng):
-    """Index arrays of contiguous residue ranges (whole residues, at least `sizes[i]` atoms) inside
-    single chains, with random starts."""
-    starts = np.flatnonzero(np.r_[True, residue[1:] != residue[:-1]])
-    ends = np.r_[starts[1:], len(residue)]
-    chain_end = {}
-    for k in range(len(starts)):
-        chain_end[chain[starts[k]]] = ends[k]
-    out = []
-    for want in sizes:
-        options = [k for k in range(len(starts)) if chain_end[chain[starts[k]]] - starts[k] >= want]
-        if not options:
-            raise ValueError(f"no chain has {want} atoms")
-        k = int(rng.choice(options))
-        stop = int(np.searchsorted(ends, starts[k] + want))
-        out.append(np.arange(starts[k], ends[stop]))
-    return out
 
 
 def _cc(a, b):
@@ -387,7 +373,7 @@ def run_cryojax(args, structures, report, tmp: Path):
     map_out = tmp / "cryojax_first.npy"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JAX_ENABLE_X64")}
     cmd = [args.cryojax_python, str(ROOT / "benchmarks" / "bench_batch_cryojax.py"), "--case", str(case),
-           "--sizes", ",".join(str(n) for n in args.sizes), "--batch-size", str(args.batch_size),
+           "--sizes", ",".join(str(n) for n in args.sizes), "--batch-size", str(args.batch_size or 64),
            "--repeats", str(args.repeats), "--cap-s", str(args.cap_s), "--max-s", str(args.max_call_s),
            "--map-out", str(map_out)]
     _log("cryoJAX: " + " ".join(cmd[:2]) + " ...")
@@ -496,16 +482,6 @@ def _versions():
     return out
 
 
-def _cpu():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def find_data(given):
     for c in ([Path(given)] if given else []) + (
         [Path(os.environ["MODELMAP_TEST_DATA"])] if os.environ.get("MODELMAP_TEST_DATA") else []
@@ -523,7 +499,9 @@ def parse_args(argv=None):
     p.add_argument("--atoms", default=None, help="min,max atoms per structure (default 300,3000)")
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--voxel", type=float, default=1.5)
-    p.add_argument("--batch-size", type=int, default=64, help="structures rendered at once (render_stacked)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="structures rendered at once by render_stacked (default: modelmap's default_batch_size(), "
+                        "1 on the CPU) and by cryoJAX's lax.map (default 64)")
     p.add_argument("--repeats", type=int, help="timed runs (default 3, --quick 2)")
     p.add_argument("--cap-s", type=float, default=20.0, help="stop repeating a measurement past this")
     p.add_argument("--max-call-s", type=float, default=20.0,
@@ -555,19 +533,19 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     n_max = max(args.sizes)
     wanted = rng.integers(args.atoms[0], args.atoms[1] + 1, size=n_max)
-    cuts = cut_residue_ranges(chain, residue, wanted, rng)
+    cuts = cut_compact_regions(atoms.positions, residue, wanted, rng)
     structures = [mm_take(atoms, c) for c in cuts]
     n_atoms = np.array([len(c) for c in cuts])
     report = {
         "schema": "modelmap-bench-batch/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "device": {"jax": str(jax.devices()[0]), "platform": jax.default_backend(), "cpu": _cpu(),
+        "device": {"jax": str(jax.devices()[0]), "platform": jax.default_backend(), "cpu": cpu_model(),
                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "versions": _versions(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
-        "structures": {"file": MODEL, "what": "contiguous residue ranges (whole residues) of 7CEC chains, random "
-                       f"starts, seed {args.seed}", "n": int(n_max), "atoms_min": int(n_atoms.min()),
+        "structures": {"file": MODEL, "what": "compact regions of 7CEC (whole residues nearest a random "
+                       f"residue), seed {args.seed}", "n": int(n_max), "atoms_min": int(n_atoms.min()),
                        "atoms_mean": float(n_atoms.mean()), "atoms_max": int(n_atoms.max()),
                        "atoms": n_atoms.tolist(), "box": args.box, "voxel_size": args.voxel,
                        "resolutions": {m: RESOLUTION[m] for m in args.methods}},

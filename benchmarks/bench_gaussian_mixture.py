@@ -77,6 +77,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import cpu_model
+
 DATA_DIR = Path(
     os.environ.get("MODELMAP_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
@@ -537,17 +539,6 @@ def _add_map_differences(entry: dict, maps_dir: Path) -> None:
         }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -593,7 +584,7 @@ def run_benchmark(args) -> dict:
         },
         "environment": {
             "platform": platform.platform(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "mem_available_gib": round(_mem_available_bytes() / 2**30, 1),

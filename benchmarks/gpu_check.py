@@ -16,8 +16,8 @@ What it measures (GPU sizes; `--cpu` in brackets):
     5 Å padding [`small`: 3AJO, 1,654 atoms];
   - `317k`: 4YVS's biological assembly (`gemmi.make_assembly`, 180-mer, 317,160 atoms), 1 Å grid
     [`large`: the assembly's first 3,000 atoms];
-- the batch API: 256 structures of ~3,000 atoms (contiguous residue ranges of 7CEC chains A-C,
-  whole residues) into 64³ boxes of 1.5 Å voxels [16 × ~300 atoms, 32³]: `render_batch` end to end,
+- the batch API: 256 structures of ~3,000 atoms (compact regions of 7CEC: the whole residues
+  nearest a random residue) into 64³ boxes of 1.5 Å voxels [16 × ~300 atoms, 32³]: `render_batch` end to end,
   and `render_stacked` forward and value_and_grad per method over the planned groups;
 - one refinement: 7CEC chain A (4,308 atoms) against the EMD-30342 crop at 3.9 Å with `refine`
   (xyz + B, L-BFGS, restraints from biotite's CCD when biotite imports, else none), `--refine-steps`
@@ -61,6 +61,8 @@ if "--cpu" in sys.argv:  # before jax is imported
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np  # noqa: E402
+
+from _common import cpu_model, cut_compact_regions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "modelmap-gpu-check/1"
@@ -328,7 +330,7 @@ def environment() -> dict:
         "device_kind": getattr(dev, "device_kind", None),
         "devices": [str(d) for d in devices],
         "host": platform.node(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
@@ -348,16 +350,6 @@ def environment() -> dict:
     versions["modelmap_git"] = _git("rev-parse", "--short", "HEAD")
     versions["modelmap_src_sha256"] = _source_digest()
     return {"device": info, "versions": versions}
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def _memory() -> dict:
@@ -541,12 +533,14 @@ class Check:
             a = self.args
             atoms, chain, residue = mm_read_atoms(self.data / FILES["7cec"])
             rng = np.random.default_rng(a.seed)
-            cuts = cut_residue_ranges(chain, residue, a.batch_atoms, a.batch_size_n, rng, chains=("A", "B", "C"))
+            n_atoms = a.batch_atoms
+            sizes = (rng.integers(n_atoms[0], n_atoms[1] + 1, a.batch_size_n) if isinstance(n_atoms, tuple)
+                     else np.full(a.batch_size_n, int(n_atoms)))
+            cuts = cut_compact_regions(atoms.positions, residue, sizes, rng)
             self._structures = [mm_take(atoms, c) for c in cuts]
             n = np.array([len(c) for c in cuts])
             self.report.doc["inputs"]["batch"] = {
-                "what": "contiguous residue ranges (whole residues) of 7CEC chains A-C, random starts (seed "
-                        f"{a.seed})", "file": FILES["7cec"], "n_structures": len(cuts),
+                "what": f"compact regions of 7CEC (whole residues nearest a random residue, seed {a.seed})", "file": FILES["7cec"], "n_structures": len(cuts),
                 "atoms_min": int(n.min()), "atoms_mean": float(n.mean()), "atoms_max": int(n.max()),
                 "box": a.box, "voxel_size": a.batch_voxel, "batch_size": a.batch_chunk,
             }
@@ -696,29 +690,6 @@ class _on:
 
     def __exit__(self, *exc):
         return self.ctx.__exit__(*exc) if self.ctx else False
-
-
-def cut_residue_ranges(chain, residue, n_atoms, n_structures, rng, chains):
-    """Index arrays of `n_structures` contiguous residue ranges (whole residues, at least `n_atoms`
-    atoms each, or `n_atoms` = (lo, hi) drawn uniformly) inside single chains among `chains`."""
-    starts = np.flatnonzero(np.r_[True, residue[1:] != residue[:-1]])  # first atom of each residue
-    ends = np.r_[starts[1:], len(residue)]
-    out = []
-    for _ in range(n_structures):
-        want = int(rng.integers(n_atoms[0], n_atoms[1] + 1)) if isinstance(n_atoms, tuple) else int(n_atoms)
-        options = []
-        for c in chains:
-            rs = [k for k in range(len(starts)) if chain[starts[k]] == c]
-            if not rs:
-                continue
-            last = ends[rs[-1]]
-            options += [k for k in rs if last - starts[k] >= want]
-        if not options:
-            raise ValueError(f"no chain among {chains} has {want} atoms")
-        k = int(rng.choice(options))
-        stop = int(np.searchsorted(ends, starts[k] + want))  # the residue holding atom start + want - 1
-        out.append(np.arange(starts[k], ends[stop]))
-    return out
 
 
 def _summary(e: dict) -> str:

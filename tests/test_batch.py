@@ -296,6 +296,10 @@ def test_cli_renders_the_mean_map_of_a_multi_model_file(tmp_path):
     one = [mm.render_model(jax.tree.map(lambda x: x[k], model.atoms), grid, 3.0) for k in range(3)]
     got = mm.read_map(tmp_path / "two.mrc").data
     assert np.max(np.abs(got - 0.5 * (one[0] + one[2]))) <= 1e-5 * float(jnp.max(one[0]))
+    res = runner.invoke(app, ["render", str(path), "-d", "3", "-o", str(tmp_path / "m2.mrc"), "--no-cxc",
+                              "--models", "2", "--like", str(tmp_path / "all.mrc")])
+    assert res.exit_code == 0, res.output
+    assert np.max(np.abs(mm.read_map(tmp_path / "m2.mrc").data - one[1])) <= 1e-5 * float(jnp.max(one[1]))
     res = runner.invoke(app, ["render", str(path), "-d", "3", "-o", str(tmp_path / "x.mrc"), "--models", "7"])
     assert res.exit_code != 0 and "no model(s) [7]" in res.output
     bad = tmp_path / "bad.pdb"

@@ -4,8 +4,6 @@ import gzip
 import re
 import shutil
 
-import pytest
-
 from .conftest import REPO
 
 

@@ -35,7 +35,6 @@ from ..render import (
     RenderBounds,
     ShellRenderFn,
     SplatFourierRenderFn,
-    fourier_render_fn,
 )
 from ..scattering import get_table
 from ..volumes import AbstractVolume, GaussianMixtureVolume, IndependentAtomVolume, ShellDecompositionVolume

@@ -88,6 +88,7 @@ def render_to_files(
     from the model's B-factor column (`resolution_from_b`; the atoms' B is then `atom_b`), or from
     a local-resolution map sampled at the atoms (`local_resolution`, trilinear).
     """
+    import jax
     import numpy as np
 
     from .. import io

@@ -5,5 +5,10 @@ from ._gaussian_mixture import GaussianMixtureRenderFn as GaussianMixtureRenderF
 from ._nufft import NufftRenderFn as NufftRenderFn
 from ._shells import ShellRenderFn as ShellRenderFn
 from ._splat_fourier import SplatFourierRenderFn as SplatFourierRenderFn, aliasing_blur as aliasing_blur
-from ._windows import WindowPlan as WindowPlan, WindowBucket as WindowBucket, UniformWindows as UniformWindows
+from ._windows import (
+    AbstractWindowPlan as AbstractWindowPlan,
+    UniformWindows as UniformWindows,
+    WindowBucket as WindowBucket,
+    WindowPlan as WindowPlan,
+)
 from ._render import render_model as render_model, fourier_render_fn as fourier_render_fn

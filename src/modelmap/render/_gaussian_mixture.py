@@ -13,7 +13,7 @@ from jaxtyping import Array, Float
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
 from ._base import AbstractRenderFn, RenderBounds, is_traced, per_slot_max
-from ._windows import ACCUMULATE, UniformWindows, WindowPlan, splat_windows
+from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, splat_windows
 
 __all__ = ["GaussianMixtureRenderFn"]
 
@@ -57,7 +57,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
     sampling: Literal["average", "point"] = eqx.field(static=True, default="average")
     n_sigma: float = eqx.field(static=True, default=5.0)
     chunk_size: int = eqx.field(static=True, default=256)
-    plan: WindowPlan | UniformWindows | None = None
+    plan: AbstractWindowPlan | None = None
     max_buckets: int | None = eqx.field(static=True, default=None)
     accumulate: str = eqx.field(static=True, default="auto")
 

@@ -19,7 +19,7 @@ from .._grid import Grid
 from ..shells import D_RANGE, get_shell_table
 from ..volumes._shell_decomposition import ShellDecompositionVolume
 from ._base import AbstractRenderFn, RenderBounds, is_traced, per_slot_max
-from ._windows import ACCUMULATE, UniformWindows, WindowPlan, splat_kernel
+from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, splat_kernel
 
 __all__ = ["ShellRenderFn", "omega", "shell_reach"]
 
@@ -211,7 +211,7 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
     grid: Grid = eqx.field(static=True)
     n_sigma: float = eqx.field(static=True, default=3.0)
     chunk_size: int = eqx.field(static=True, default=64)
-    plan: WindowPlan | UniformWindows | None = None
+    plan: AbstractWindowPlan | None = None
     profile_nodes: int | None = eqx.field(static=True, default=None)
     threads: int | None = eqx.field(static=True, default=None)
     accumulate: str = eqx.field(static=True, default="auto")

@@ -22,6 +22,7 @@ sources × window is kept between the passes.
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 from collections.abc import Callable
@@ -35,7 +36,10 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._grid import Grid
 
-__all__ = ["WindowBucket", "WindowPlan", "UniformWindows", "GaussianKernel", "splat_windows", "splat_kernel"]
+__all__ = [
+    "AbstractWindowPlan", "WindowBucket", "WindowPlan", "UniformWindows", "GaussianKernel", "splat_windows",
+    "splat_kernel",
+]
 
 ACCUMULATE = ("auto", "loop", "scatter")
 
@@ -53,7 +57,17 @@ class WindowBucket(eqx.Module):
     mask: Bool[Array, "nc c"]
 
 
-class WindowPlan(eqx.Module):
+class AbstractWindowPlan(eqx.Module):
+    """How a window renderer sizes its windows: planned per source from a volume (`WindowPlan`) or
+    one size declared for any volume (`UniformWindows`)."""
+
+    @abc.abstractmethod
+    def resolve(self, grid: Grid, n_sources: int) -> "WindowPlan":
+        """The `WindowPlan` for a volume of `n_sources` sources (at trace time: shapes only)."""
+        raise NotImplementedError
+
+
+class WindowPlan(AbstractWindowPlan):
     """Which window size each source gets, and the widest Gaussian each window holds exactly.
 
     - `buckets`: one `WindowBucket` per window size.
@@ -205,7 +219,7 @@ def _covered_variance(half, voxel, n_sigma: float) -> np.ndarray:
     return np.min(((np.asarray(half) - 0.5) * np.asarray(voxel) / n_sigma) ** 2, axis=-1)
 
 
-class UniformWindows(eqx.Module):
+class UniformWindows(AbstractWindowPlan):
     """One window size for every source, declared instead of planned from a volume.
 
     A render function built from declared bounds (`with_bounds`) holds this instead of a
