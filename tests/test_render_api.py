@@ -99,6 +99,9 @@ def test_past_the_bounds_is_an_error_not_a_truncated_map(kind):
     hot = cls.from_atoms(eqx.tree_at(lambda a: a.b_factors, atoms, atoms.b_factors + 200.0), d)
     with pytest.raises(Exception, match="planned|left the range|window"):
         jax.block_until_ready(eqx.filter_jit(lambda f, v: f(v))(bounded, hot))
+    # a concrete call says it in one line, as a modelmap error
+    with pytest.raises(mm.PlanExceededError, match=r"^(?!.*EQX_ON_ERROR).*(planned|left the range|window)"):
+        jax.block_until_ready(bounded(hot))
 
 
 def test_unplanned_traced_render_says_how_to_plan():

@@ -23,6 +23,7 @@ from ._errors import (
     MapFileError as MapFileError,
     MapAxisOrderError as MapAxisOrderError,
     GridTooLargeError as GridTooLargeError,
+    PlanExceededError as PlanExceededError,
 )
 from ._grid import Grid as Grid
 from ._interpolate import interpolate_map as interpolate_map

@@ -32,3 +32,8 @@ class MapAxisOrderError(MapFileError):
 
 class GridTooLargeError(ModelmapError, MemoryError):
     """A grid would need more memory than this machine has; raised before allocating it."""
+
+
+class PlanExceededError(ModelmapError):
+    """A volume left what its render function was planned for (a B, D or window past the plan's
+    margins or bounds): rebuild the render function with wider margins or bounds."""

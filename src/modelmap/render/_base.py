@@ -2,6 +2,7 @@
 
 
 import abc
+import re
 from typing import Generic, TypeVar
 
 import equinox as eqx
@@ -9,11 +10,12 @@ import jax
 import numpy as np
 from equinox import AbstractVar
 
+from .._errors import PlanExceededError
 from .._grid import Grid
 from ..scattering import TABLE_NAMES, get_table
 from ..volumes import AbstractVolume
 
-__all__ = ["AbstractRenderFn", "RenderBounds", "is_traced"]
+__all__ = ["AbstractRenderFn", "RenderBounds", "checked_call", "is_traced"]
 
 VolumeT = TypeVar("VolumeT", bound=AbstractVolume)
 
@@ -21,6 +23,19 @@ VolumeT = TypeVar("VolumeT", bound=AbstractVolume)
 def is_traced(*values) -> bool:
     """Whether any array in `values` (pytrees) is a tracer (inside jit/grad/vmap)."""
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(values))
+
+
+def checked_call(fn, *args):
+    """`fn(*args)`; on concrete inputs, an `eqx.error_if` check that fails inside `fn` (a volume past
+    its plan) is raised as a `PlanExceededError` with just its message, instead of equinox's runtime
+    error and its long traceback. Traced calls are left alone (the check stays in the computation)."""
+    if is_traced(args):
+        return fn(*args)
+    try:
+        return fn(*args)
+    except eqx.EquinoxRuntimeError as err:
+        found = re.search(r"EquinoxRuntimeError: (.*?)(?:\n\s*\n|$)", str(err), re.S)
+        raise PlanExceededError(found.group(1).strip() if found else str(err)) from None
 
 
 class RenderBounds(eqx.Module):

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
-from ._base import AbstractRenderFn, RenderBounds, is_traced, per_slot_max
+from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, splat_windows
 
 __all__ = ["GaussianMixtureRenderFn"]
@@ -114,7 +114,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
     def __call__(self, volume: GaussianMixtureVolume) -> Float[Array, "nz ny nx"]:
         """The map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
         plan = self._plan_at_call(volume).plan.resolve(self.grid, volume.positions.shape[0])
-        return _render_planned(self.grid, self.sampling, self.accumulate, plan, volume)
+        return checked_call(_render_planned, self.grid, self.sampling, self.accumulate, plan, volume)
 
 
 @eqx.filter_jit

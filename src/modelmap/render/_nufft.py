@@ -46,7 +46,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import IndependentAtomVolume
-from ._base import AbstractRenderFn, RenderBounds
+from ._base import AbstractRenderFn, RenderBounds, checked_call
 
 __all__ = ["NufftRenderFn", "chebyshev_nodes_for"]
 
@@ -225,7 +225,7 @@ class NufftRenderFn(AbstractRenderFn[IndependentAtomVolume]):
     def __call__(self, volume: IndependentAtomVolume) -> Float[Array, "nz ny nx"]:
         """The Fourier map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
         nufft1 = _require_finufft(_platform_of(volume))
-        return _render_nufft(self._plan_at_call(volume), volume, nufft1)
+        return checked_call(_render_nufft, self._plan_at_call(volume), volume, nufft1)
 
 
 def check_nyquist(grid: Grid, resolution: float, strict: bool) -> None:

@@ -18,7 +18,7 @@ from jaxtyping import Array, Float
 from .._grid import Grid
 from ..shells import D_RANGE, get_shell_table
 from ..volumes._shell_decomposition import ShellDecompositionVolume
-from ._base import AbstractRenderFn, RenderBounds, is_traced, per_slot_max
+from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, splat_kernel
 
 __all__ = ["ShellRenderFn", "omega", "shell_reach"]
@@ -304,7 +304,8 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
         plan = render_fn.plan.resolve(self.grid, volume.positions.shape[0])
 
         def render(p: WindowPlan):
-            return _render_planned(self.grid, self.n_sigma, render_fn.profile_nodes, self.accumulate, p, volume)
+            return checked_call(_render_planned, self.grid, self.n_sigma, render_fn.profile_nodes, self.accumulate, p,
+                                volume)
 
         parts = _cpu_threads(self.threads, volume)
         if parts == 1:

@@ -39,7 +39,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume, IndependentAtomVolume
-from ._base import AbstractRenderFn, RenderBounds
+from ._base import AbstractRenderFn, RenderBounds, checked_call
 from ._gaussian_mixture import GaussianMixtureRenderFn
 from ._nufft import check_nyquist, check_resolution, hard_sphere, padded_box
 
@@ -203,7 +203,7 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
 
     def __call__(self, volume: IndependentAtomVolume) -> Float[Array, "nz ny nx"]:
         """The Fourier map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
-        return _render(self._plan_at_call(volume), volume)
+        return checked_call(_render, self._plan_at_call(volume), volume)
 
 
 def _gaussians(volume: IndependentAtomVolume, extra_b) -> GaussianMixtureVolume:
