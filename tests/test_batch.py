@@ -27,7 +27,7 @@ def _peptide(seq, shift=(0.0, 0.0, 0.0), b=20.0, dtype=jnp.float32):
 
 
 def _structures(dtype=jnp.float32):
-    # 24, 30 and 100 atoms: two share a bucket (32 with BUCKET = 32), one needs another (128)
+    # 24, 30 and 100 atoms: two share a bucket (32 with BUCKET = 32), one needs another (112)
     return [_peptide("AAGAA", (1.0, -2.0, 0.5), 25.0, dtype), _peptide("AAAAAA", (30.0, 5.0, -3.0), 40.0, dtype),
             _peptide("A" * 20, (-8.0, 0.0, 12.0), 30.0, dtype)]
 
@@ -64,7 +64,8 @@ def test_padding_atoms_contribute_exactly_zero():
     a = groups[0].render_fn(jax.tree.map(lambda x: x[0], groups[0].volumes))
     b = groups[0].render_fn(vol)
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-7 * float(jnp.max(a))
-    assert bucket_size(100) == 256 and bucket_size(300) == 384 and bucket_size(385) == 512
+    assert bucket_size(100) == 256 and bucket_size(300) == 320 and bucket_size(385) == 448
+    assert bucket_size(1000, 32) == 1024 and bucket_size(1025, 32) == 1280
 
 
 def test_one_compilation_per_bucket():
@@ -79,7 +80,7 @@ def test_one_compilation_per_bucket():
             _peptide("A" * 22, (5.0, 5.0, 5.0), 33.0)]
     # a box no other test uses, so nothing is compiled yet
     g1 = plan_batch(structures, 1.5, box=36, voxel_size=1.5, bucket_minimum=BUCKET)
-    # other structures, the same bucket sizes (32, 128) and bounds (B rounded to 50 Å²)
+    # other structures, the same bucket sizes (32, 112) and B class (B <= 50 Å²)
     g2 = plan_batch(more, 1.5, box=36, voxel_size=1.5, bucket_minimum=BUCKET)
     assert [len(g.indices) for g in g1] == [2, 1] and [len(g.indices) for g in g2] == [2, 1]
     jax.monitoring.register_event_duration_secs_listener(listen)
@@ -91,7 +92,7 @@ def test_one_compilation_per_bucket():
             render_stacked(g.render_fn, g.volumes, 2).block_until_ready()
     finally:
         jax.monitoring.clear_event_listeners()
-    assert first == 2  # one per bucket
+    assert first == 2  # one per group (bucket size, B class)
     assert len(compiles) == first  # a new batch of the same buckets and bounds reuses them
 
 
@@ -151,6 +152,18 @@ def test_bad_batches_are_clear_errors():
         render_batch([nan], 2.0, box=40)
     with pytest.raises(ValueError, match="either a shared grid or a box"):
         render_batch(s, 2.0)
+
+
+def test_structures_are_grouped_by_size_and_b_class():
+    cold, hot = _peptide("AAGAA", b=20.0), _peptide("AAGAA", (2.0, 0, 0), b=140.0)
+    groups = plan_batch([cold, hot, cold], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
+    assert [g.indices for g in groups] == [(0, 2), (1,)]
+    windows = [g.render_fn.plan.half_width for g in groups]
+    assert windows[0] < windows[1]  # the cold group's windows are not sized for the hot structure
+    out = render_batch([cold, hot, cold], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
+    for k, s in enumerate([cold, hot, cold]):
+        ref = mm.render_model(s, out.grid(k), 2.0)
+        assert float(jnp.max(jnp.abs(out.maps[k] - ref))) <= 2e-6 * float(jnp.max(ref))
 
 
 # ---- poses -----------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 A batch of structures of different sizes is padded to a few bucket sizes with zero-occupancy atoms
 (whose images are exactly 0), stacked on a leading axis, and rendered by one compiled function per
-bucket under `lax.map(..., batch_size=...)`, which bounds the memory held at once. The render
-function is planned from bounds that cover every member (`RenderBounds.covering`, with B rounded to
-`b_step`), so it depends on no value of any structure: another batch within the same bounds reuses
-the compiled function. Everything is differentiable through the whole batch.
+group under `lax.map(..., batch_size=...)`, which bounds the memory held at once. Structures are
+grouped by bucket size and by their highest B rounded up to `b_step` (the window a render function
+needs grows with it: one window for a whole batch sized by its widest atom costs 1.6× on 7CEC
+regions); each group's render function is planned from those bounds (`with_bounds`), so it depends
+on no value of any structure: another batch whose groups fall in the same buckets and B classes
+reuses the compiled functions. Everything is differentiable through the whole batch.
 
 Maps either share one grid, or each structure gets a box of the same shape centred on it (the
 shape ML models train on): its origin is a whole number of voxels (written as an MRC `nstart`), and
@@ -16,6 +18,7 @@ the same map, exactly, because every renderer depends on positions only relative
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -65,11 +68,11 @@ def default_batch_size(platform: str | None = None) -> int:
 
 
 def bucket_size(n: int, minimum: int = 256) -> int:
-    """The padded size of a structure of `n` atoms: the smallest of `minimum · 2^k` and
-    `1.5 · minimum · 2^k` that holds it (at most 50 % padding, few distinct sizes)."""
+    """The padded size of a structure of `n` atoms: the smallest of `minimum · 2^k · (1, 5/4, 3/2,
+    7/4)` that holds it (at most 25 % padding above `minimum`, four sizes per doubling)."""
     size = minimum
     while True:
-        for s in (size, size * 3 // 2):
+        for s in (size, size * 5 // 4, size * 3 // 2, size * 7 // 4):
             if s >= n:
                 return s
         size *= 2
@@ -250,11 +253,13 @@ def plan_batch(
     - `table`: `"electron"` or `"xray"`.
     - `n_terms`: shell terms kept (shell method).
     - `bucket_minimum`: the smallest bucket size (`bucket_size`).
-    - `b_step`: the bounds' B range is rounded out to multiples of it (fewer distinct compilations).
+    - `b_step`: structures are grouped by their highest B rounded up to a multiple of it (the
+      group's bounds), and the batch's lowest B is rounded down to one: fewer distinct compilations
+      for a larger step, tighter windows for a smaller one.
     - `b_margin`: extra B (Å²) the plan allows, for B that will be refined.
     - `names`: a name per structure for error messages (default "structure k").
 
-    **Returns:** a list of `BatchGroup`, one per bucket size.
+    **Returns:** a list of `BatchGroup`, one per bucket size and B class.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -286,23 +291,23 @@ def plan_batch(
         origins = np.tile(np.asarray(grid.origin), (len(structures), 1))
         shifts = np.zeros_like(origins)
     sampling = sampling or ("average" if method == "gaussian" else "point")
-    bounds = RenderBounds.covering(structures, resolution, b_margin=b_margin, table=table, b_step=b_step,
-                                   n_terms=n_terms)
-    if method == "gaussian":
-        render_fn = GaussianMixtureRenderFn(ref, sampling=sampling).with_bounds(bounds)
-    elif method == "fourier":
-        render_fn = SplatFourierRenderFn(ref, sampling=sampling, eps=1e-5).with_bounds(bounds)
-    else:
-        if sampling != "point":
-            raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
-        render_fn = ShellRenderFn(ref).with_bounds(bounds)
-
-    groups: dict[int, list[int]] = {}
+    if method == "shells" and sampling != "point":
+        raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
+    # the lowest B of the whole batch (the Fourier route's anti-aliasing blur, the shell tables'
+    # narrowest term), rounded down to b_step; the highest per group, rounded up to b_step
+    lowest = RenderBounds.covering(structures, resolution, b_margin=b_margin, table=table, b_step=b_step,
+                                   n_terms=n_terms).b_factor[0]
+    groups: dict[tuple[int, float], list[int]] = {}
     for k, a in enumerate(structures):
-        groups.setdefault(bucket_size(a.positions.shape[0], bucket_minimum), []).append(k)
+        top = b_step * math.ceil((float(np.max(np.asarray(a.b_factors))) + b_margin) / b_step)
+        groups.setdefault((bucket_size(a.positions.shape[0], bucket_minimum), max(top, lowest)), []).append(k)
     out = []
-    for size in sorted(groups):
-        members = groups[size]
+    for size, top in sorted(groups):
+        members = groups[(size, top)]
+        covering = RenderBounds.covering([structures[k] for k in members], resolution, table=table,
+                                         n_terms=n_terms)
+        bounds = RenderBounds((lowest, top), covering.resolution, covering.elements, table, n_terms)
+        render_fn = _render_fn(method, ref, sampling).with_bounds(bounds)
         vols = []
         for k in members:
             a = structures[k]
@@ -310,6 +315,14 @@ def plan_batch(
             vols.append(_volume(method, pad_atoms(a, size), resolution, table, n_terms))
         out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(members), np.asarray(origins[members])))
     return out
+
+
+def _render_fn(method: str, grid: Grid, sampling: str) -> AbstractRenderFn:
+    if method == "gaussian":
+        return GaussianMixtureRenderFn(grid, sampling=sampling)
+    if method == "fourier":
+        return SplatFourierRenderFn(grid, sampling=sampling, eps=1e-5)
+    return ShellRenderFn(grid)
 
 
 def _volume(method: str, atoms: Atoms, resolution, table: str, n_terms: int) -> AbstractVolume:

@@ -19,7 +19,7 @@ from .._grid import Grid
 from ..shells import D_RANGE, get_shell_table
 from ..volumes._shell_decomposition import ShellDecompositionVolume
 from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max
-from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, splat_kernel
+from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_kernel
 
 __all__ = ["ShellRenderFn", "omega", "shell_reach"]
 
@@ -193,7 +193,7 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
     - `grid`: the target `Grid`.
     - `n_sigma`: how many standard deviations of each term's blur the window covers beyond its
       radius (3 by default, as the spec).
-    - `chunk_size`: atoms per scan step.
+    - `chunk_size`: atoms per scan step; `None`: 64 on the CPU, 1024 on a GPU (at planning).
     - `plan`: a `WindowPlan` (from `with_plan`), `UniformWindows` (from `with_bounds`) or `None`.
     - `profile_nodes`: nodes of each atom's radial profile table for the fast float32 map and its
       gradients (`ShellProfileKernel`), set by planning (a multiple of 32, so that other structures
@@ -210,7 +210,7 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
 
     grid: Grid = eqx.field(static=True)
     n_sigma: float = eqx.field(static=True, default=3.0)
-    chunk_size: int = eqx.field(static=True, default=64)
+    chunk_size: int | None = eqx.field(static=True, default=None)
     plan: AbstractWindowPlan | None = None
     profile_nodes: int | None = eqx.field(static=True, default=None)
     threads: int | None = eqx.field(static=True, default=None)
@@ -257,7 +257,7 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
         positions = np.asarray(volume.positions).reshape(-1, *volume.positions.shape[-2:])[0]
         plan = WindowPlan.from_radii(
             self.grid, positions, per_slot_max(reach.reshape(volume.positions.shape[:-1]), n_lead),
-            n_sigma=self.n_sigma, chunk_size=self.chunk_size, granularity=None,
+            n_sigma=self.n_sigma, chunk_size=self.chunk_size or default_chunk_size(64, 1024), granularity=None,
         )
         # profile tables: D may drop by d_margin, B by b_margin (to at most half)
         _, widths, _ = flat.shell_parameters()
@@ -290,7 +290,8 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
                                             jnp.asarray(e, jnp.int32), table, k)
 
         reach = 1.01 * float(np.max(np.asarray(_reach(probe(bounds.b_factor[1]), self.n_sigma))))
-        windows = UniformWindows.from_radius(self.grid, reach, n_sigma=self.n_sigma, chunk_size=self.chunk_size)
+        windows = UniformWindows.from_radius(self.grid, reach, n_sigma=self.n_sigma,
+                                             chunk_size=self.chunk_size or default_chunk_size(64, 1024))
         narrowest = float(np.min(np.asarray(probe(bounds.b_factor[0]).shell_parameters()[1])))
         if not narrowest > 0:
             raise ValueError("B_m(D) + B must be > 0 for every kept term within the bounds (the lowest B is too low)")

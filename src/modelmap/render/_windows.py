@@ -37,8 +37,8 @@ from jaxtyping import Array, Bool, Float, Int
 from .._grid import Grid
 
 __all__ = [
-    "AbstractWindowPlan", "WindowBucket", "WindowPlan", "UniformWindows", "GaussianKernel", "splat_windows",
-    "splat_kernel",
+    "AbstractWindowPlan", "WindowBucket", "WindowPlan", "UniformWindows", "GaussianKernel", "default_chunk_size",
+    "splat_windows", "splat_kernel",
 ]
 
 ACCUMULATE = ("auto", "loop", "scatter")
@@ -206,6 +206,13 @@ class WindowPlan(AbstractWindowPlan):
             )
         hmax = half.max(axis=0)
         return cls(tuple(buckets), jnp.asarray(fit), float(n_sigma), tuple(int(2 * h) for h in hmax))
+
+
+def default_chunk_size(cpu: int, other: int = 2048) -> int:
+    """Sources per scan step for a plan made now: `cpu` on the CPU (small chunks keep a chunk's
+    windows in cache), `other` on other backends, where one chunk is one scatter-add and fewer,
+    larger steps keep the device busy (memory: `other` windows at once)."""
+    return cpu if jax.default_backend() == "cpu" else other
 
 
 def _half_widths(radii, voxel) -> np.ndarray:
