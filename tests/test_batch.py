@@ -154,6 +154,34 @@ def test_bad_batches_are_clear_errors():
         render_batch(s, 2.0)
 
 
+def test_a_structure_of_mixed_b_is_rendered_in_parts_that_sum_to_its_map():
+    a = _peptide("A" * 12, b=20.0)
+    mixed = eqx.tree_at(lambda x: x.b_factors, a, a.b_factors.at[30:].set(160.0))  # 30 cold, 30 hot atoms
+    groups = plan_batch([mixed], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
+    assert len(groups) == 2 and [g.indices for g in groups] == [(0,), (0,)]
+    parts = [set(int(i) for i in g.atom_index[0] if i >= 0) for g in groups]
+    assert parts[0] | parts[1] == set(range(60)) and not parts[0] & parts[1]
+    assert groups[0].render_fn.plan.half_width < groups[1].render_fn.plan.half_width
+    out = render_batch([mixed], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
+    ref = mm.render_model(mixed, out.grid(0), 2.0)
+    assert float(jnp.max(jnp.abs(out.maps[0] - ref))) <= 2e-6 * float(jnp.max(ref))
+    # gradients through the parts map back to the structure's atoms by atom_index
+    target = mm.render_model(eqx.tree_at(lambda x: x.positions, mixed, mixed.positions + 0.2), out.grid(0), 2.0)
+
+    def loss(vols):
+        maps = mm.batch.assemble(groups, [render_stacked(g.render_fn, v) for g, v in zip(groups, vols)], 1)
+        return -cc(maps[0], target)
+
+    grads = eqx.filter_grad(loss)([g.volumes for g in groups])
+    g_pos = np.zeros((60, 3))
+    for g, gv in zip(groups, grads):
+        live = g.atom_index[0] >= 0
+        g_pos[g.atom_index[0][live]] += np.asarray(gv.positions[0])[live]
+    fn = mm.GaussianMixtureRenderFn(out.grid(0)).with_plan(mm.GaussianMixtureVolume.from_atoms(mixed, 2.0))
+    ref_g = eqx.filter_grad(lambda v: -cc(fn(v), target))(mm.GaussianMixtureVolume.from_atoms(mixed, 2.0))
+    np.testing.assert_allclose(g_pos, np.asarray(ref_g.positions), atol=2e-3 * float(np.abs(ref_g.positions).max()))
+
+
 def test_structures_are_grouped_by_size_and_b_class():
     cold, hot = _peptide("AAGAA", b=20.0), _peptide("AAGAA", (2.0, 0, 0), b=140.0)
     groups = plan_batch([cold, hot, cold], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)

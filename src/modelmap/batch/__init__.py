@@ -1,6 +1,7 @@
 """Batches of structures and poses: one map each, padded to a few sizes, on any device."""
 
 from ._batch import (
+    assemble as assemble,
     BatchGroup as BatchGroup,
     BatchMaps as BatchMaps,
     bucket_size as bucket_size,

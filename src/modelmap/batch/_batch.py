@@ -2,12 +2,14 @@
 
 A batch of structures of different sizes is padded to a few bucket sizes with zero-occupancy atoms
 (whose images are exactly 0), stacked on a leading axis, and rendered by one compiled function per
-group under `lax.map(..., batch_size=...)`, which bounds the memory held at once. Structures are
-grouped by bucket size and by their highest B rounded up to `b_step` (the window a render function
-needs grows with it: one window for a whole batch sized by its widest atom costs 1.6× on 7CEC
-regions); each group's render function is planned from those bounds (`with_bounds`), so it depends
-on no value of any structure: another batch whose groups fall in the same buckets and B classes
-reuses the compiled functions. Everything is differentiable through the whole batch.
+group under `lax.map(..., batch_size=...)`, which bounds the memory held at once. The window a
+render function needs grows with each atom's widest Gaussian (`b_k + B`), so each structure's atoms
+are split by classes of it (`b_step`) into parts, and parts are grouped by bucket size and class (one window sized for a whole batch's
+widest atom costs 1.6× per map on 7CEC regions); a structure's map is the sum of its parts' maps
+(`assemble`: maps are linear in the atoms). Each group's render function is planned from its
+bounds (`with_bounds`), so it depends on no value of any structure: another batch whose parts fall
+in the same buckets and B classes reuses the compiled functions. Everything is differentiable
+through the whole batch.
 
 Maps either share one grid, or each structure gets a box of the same shape centred on it (the
 shape ML models train on): its origin is a whole number of voxels (written as an MRC `nstart`), and
@@ -44,6 +46,7 @@ from ..volumes import AbstractVolume, GaussianMixtureVolume, IndependentAtomVolu
 from ..volumes import DEFAULT_SHELL_TERMS
 
 __all__ = [
+    "assemble",
     "default_batch_size",
     "BatchGroup",
     "BatchMaps",
@@ -167,17 +170,22 @@ def render_poses(
 
 
 class BatchGroup(eqx.Module):
-    """Structures padded to one bucket size, stacked, with the render function that covers them.
+    """Parts of structures padded to one bucket size, stacked, with the render function that covers
+    them. A structure's atoms are split by B class into parts (`plan_batch`); its map is the sum
+    of its parts' maps (`assemble`), one part per group at most.
 
     - `volumes`: the stacked volumes `(B_g, n_bucket, ...)`, positions shifted into the reference grid.
     - `render_fn`: the planned render function on the reference grid.
-    - `indices`: which structures of the batch, in order (static).
-    - `origins`: `(B_g, 3)` x, y, z in Å of each structure's grid point (0, 0, 0) (numpy, static).
+    - `indices`: the structure of each part, in order (static).
+    - `atom_index`: `(B_g, n_bucket)` the index in its structure of the atom in each slot, -1 for a
+      padding slot (numpy): gradients with respect to `volumes` map back to the structures' atoms.
+    - `origins`: `(B_g, 3)` x, y, z in Å of each structure's grid point (0, 0, 0) (numpy).
     """
 
     volumes: AbstractVolume
     render_fn: AbstractRenderFn
     indices: tuple[int, ...] = eqx.field(static=True)
+    atom_index: np.ndarray
     origins: np.ndarray
 
 
@@ -253,13 +261,15 @@ def plan_batch(
     - `table`: `"electron"` or `"xray"`.
     - `n_terms`: shell terms kept (shell method).
     - `bucket_minimum`: the smallest bucket size (`bucket_size`).
-    - `b_step`: structures are grouped by their highest B rounded up to a multiple of it (the
-      group's bounds), and the batch's lowest B is rounded down to one: fewer distinct compilations
-      for a larger step, tighter windows for a smaller one.
+    - `b_step`: atoms are split into parts by their widest Gaussian `b_k + B` in classes of this
+      many Å², and the batch's lowest B is rounded down to a multiple of it: fewer distinct
+      compilations for a larger step, tighter windows for a smaller one.
     - `b_margin`: extra B (Å²) the plan allows, for B that will be refined.
     - `names`: a name per structure for error messages (default "structure k").
 
-    **Returns:** a list of `BatchGroup`, one per bucket size and B class.
+    **Returns:** a list of `BatchGroup`, one per bucket size and B class. A structure whose B
+    spans several classes is split into parts (at least `bucket_minimum / 2` atoms each, but for
+    its highest part), each rendered in the group of its size and highest B; `assemble` sums them.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -297,24 +307,58 @@ def plan_batch(
     # narrowest term), rounded down to b_step; the highest per group, rounded up to b_step
     lowest = RenderBounds.covering(structures, resolution, b_margin=b_margin, table=table, b_step=b_step,
                                    n_terms=n_terms).b_factor[0]
-    groups: dict[tuple[int, float], list[int]] = {}
+    # each atom's widest Gaussian, b_k + B: what its window must hold
+    widest_term = np.asarray(tab.b).max(axis=1)
+    groups: dict[tuple[int, float], list[tuple[int, np.ndarray]]] = {}
     for k, a in enumerate(structures):
-        top = b_step * math.ceil((float(np.max(np.asarray(a.b_factors))) + b_margin) / b_step)
-        groups.setdefault((bucket_size(a.positions.shape[0], bucket_minimum), max(top, lowest)), []).append(k)
+        width = widest_term[np.asarray(a.atomic_numbers)] + np.asarray(a.b_factors, np.float64) + b_margin
+        for top, part in _split_by_width(width, b_step, bucket_minimum // 2):
+            groups.setdefault((bucket_size(len(part), bucket_minimum), top), []).append((k, part))
     out = []
     for size, top in sorted(groups):
         members = groups[(size, top)]
-        covering = RenderBounds.covering([structures[k] for k in members], resolution, table=table,
-                                         n_terms=n_terms)
-        bounds = RenderBounds((lowest, top), covering.resolution, covering.elements, table, n_terms)
+        z = np.unique(np.concatenate([np.asarray(structures[k].atomic_numbers)[p] for k, p in members]))
+        b_high = max(float(np.max(np.asarray(structures[k].b_factors)[p])) for k, p in members) + b_margin
+        bounds = RenderBounds((lowest, max(lowest, b_step * math.ceil(b_high / b_step))), resolution, z, table,
+                              n_terms, widest=top)
         render_fn = _render_fn(method, ref, sampling).with_bounds(bounds)
-        vols = []
-        for k in members:
-            a = structures[k]
+        vols, atom_index = [], np.full((len(members), size), -1, np.int64)
+        for j, (k, part) in enumerate(members):
+            a = jax.tree.map(lambda x: x[part], structures[k])
             a = eqx.tree_at(lambda x: x.positions, a, a.positions - jnp.asarray(shifts[k], a.positions.dtype))
             vols.append(_volume(method, pad_atoms(a, size), resolution, table, n_terms))
-        out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(members), np.asarray(origins[members])))
+            atom_index[j, : len(part)] = part
+        ks = [k for k, _ in members]
+        out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(ks), atom_index, np.asarray(origins[ks])))
     return out
+
+
+def _split_by_width(b: np.ndarray, b_step: float, min_part: int) -> list[tuple[float, np.ndarray]]:
+    """A structure's atoms in parts of increasing width `b_k + B` (Å², each atom's widest Gaussian):
+    `[(the part's widest rounded up to b_step, atom indices)]`. Atoms are taken class by class
+    (classes of `b_step`) from the narrowest; a part closes once it holds `min_part` atoms, so that
+    small classes join their neighbours (a wider window for them) rather than pad a bucket of their
+    own. One window for all of a structure whose B spans 72-269 Å² (7CEC) costs 1.6× per map."""
+    cls = np.ceil(b / b_step).astype(np.int64)
+    parts, current = [], []
+    for c in np.unique(cls):
+        current.extend(np.flatnonzero(cls == c).tolist())
+        if len(current) >= min_part:
+            parts.append((float(c * b_step), np.asarray(current, np.int64)))
+            current = []
+    if current:
+        parts.append((float(cls.max() * b_step), np.asarray(current, np.int64)))
+    return parts
+
+
+def assemble(groups: Sequence[BatchGroup], rendered: Sequence[Array], n_structures: int) -> Array:
+    """The map of every structure, `(n_structures, nz, ny, nx)`: the sum of its parts' maps
+    (`rendered[g]` is `render_stacked` of `groups[g]`; differentiable)."""
+    shape = groups[0].render_fn.grid.shape
+    maps = jnp.zeros((n_structures, *shape), rendered[0].dtype)
+    for g, r in zip(groups, rendered):
+        maps = maps.at[np.asarray(g.indices)].add(r)
+    return maps
 
 
 def _render_fn(method: str, grid: Grid, sampling: str) -> AbstractRenderFn:
@@ -350,13 +394,10 @@ def render_batch(
     **Returns:** `BatchMaps` with `maps` `(B, nz, ny, nx)` in input order and each map's origin.
     """
     groups = plan_batch(structures, resolution, method=method, grid=grid, box=box, voxel_size=voxel_size, **options)
-    shape = groups[0].render_fn.grid.shape
-    maps = [None] * len(structures)
-    origins = np.zeros((len(structures), 3))
     batch_size = default_batch_size() if batch_size is None else batch_size
+    rendered = [render_stacked(g.render_fn, g.volumes, batch_size) for g in groups]
+    origins = np.zeros((len(structures), 3))
     for g in groups:
-        rendered = render_stacked(g.render_fn, g.volumes, batch_size)
-        for j, k in enumerate(g.indices):
-            maps[k] = rendered[j]
-            origins[k] = g.origins[j]
-    return BatchMaps(jnp.stack(maps), origins, shape, groups[0].render_fn.grid.voxel_size)
+        origins[list(g.indices)] = g.origins
+    return BatchMaps(assemble(groups, rendered, len(structures)), origins, groups[0].render_fn.grid.shape,
+                     groups[0].render_fn.grid.voxel_size)

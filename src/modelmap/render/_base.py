@@ -57,6 +57,10 @@ class RenderBounds(eqx.Module):
     - `table`: `"electron"` or `"xray"`.
     - `n_terms`: the most shell terms a `ShellDecompositionVolume` keeps (the shell method's window
       grows with them; 6 by default).
+    - `widest`: optional, the largest `b_k + B` (Å²) of any atom (its element's widest form-factor
+      term plus its own B): sizes the Gaussian windows more tightly than the widest term of all
+      `elements` plus the highest B (a calcium at low B and carbons at high B need less than a
+      calcium at the carbons' B).
     """
 
     b_factor: tuple[float, float] = eqx.field(static=True)
@@ -64,8 +68,10 @@ class RenderBounds(eqx.Module):
     elements: tuple[int, ...] | None = eqx.field(static=True, default=None)
     table: str = eqx.field(static=True, default="electron")
     n_terms: int = eqx.field(static=True, default=6)
+    widest: float | None = eqx.field(static=True, default=None)
 
-    def __init__(self, b_factor, resolution=0.0, elements=None, table: str = "electron", n_terms: int = 6):
+    def __init__(self, b_factor, resolution=0.0, elements=None, table: str = "electron", n_terms: int = 6,
+                 widest: float | None = None):
         b = tuple(float(x) for x in np.broadcast_to(np.asarray(b_factor, np.float64), (2,)))
         d = tuple(float(x) for x in np.broadcast_to(np.asarray(resolution, np.float64), (2,)))
         if not all(np.isfinite(b + d)) or b[0] > b[1] or d[0] > d[1] or d[0] < 0:
@@ -79,6 +85,13 @@ class RenderBounds(eqx.Module):
         self.elements = None if elements is None else tuple(sorted({int(z) for z in np.ravel(elements)}))
         self.table = table
         self.n_terms = int(n_terms)
+        self.widest = None if widest is None else float(widest)
+
+    def widest_gaussian(self) -> float:
+        """The largest `b_k + B` (Å²) within the bounds: `widest`, else the widest form-factor term
+        of `elements` plus the highest B (before any resolution blur)."""
+        full = self.form_factor_widths()[1] + self.b_factor[1]
+        return full if self.widest is None else min(self.widest, full)
 
     def form_factor_widths(self) -> tuple[float, float]:
         """`(smallest, largest)` Gaussian width b_k (Å²) of the table's factors for `elements`."""

@@ -101,10 +101,9 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
         return eqx.tree_at(lambda r: r.plan, self, plan, is_leaf=lambda x: x is None)
 
     def with_bounds(self, bounds: RenderBounds) -> "GaussianMixtureRenderFn":
-        """A copy with one window that holds the widest Gaussian within `bounds`: the largest form
-        factor width of its elements plus the highest B plus `4 D²` of the coarsest D."""
-        _, bk_max = bounds.form_factor_widths()
-        var = (bk_max + bounds.b_factor[1] + 4.0 * bounds.resolution[1] ** 2) / _EIGHT_PI2
+        """A copy with one window that holds the widest Gaussian within `bounds`: the largest
+        `b_k + B` (`RenderBounds.widest_gaussian`) plus `4 D²` of the coarsest D."""
+        var = (bounds.widest_gaussian() + 4.0 * bounds.resolution[1] ** 2) / _EIGHT_PI2
         if not var > 0:
             raise ValueError("the bounds allow no positive Gaussian variance")
         windows = UniformWindows.from_radius(self.grid, self.n_sigma * math.sqrt(var), n_sigma=self.n_sigma,

@@ -195,7 +195,7 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
         rf = dataclasses.replace(self, resolution_range=(d_lo, d_hi), extra_b=jnp.asarray(extra, jnp.float32))
         # the splatted Gaussians are the atoms' own, widened by B_x: bounds of B shifted by B_x, at D = 0
         shifted = RenderBounds((bounds.b_factor[0] + extra, bounds.b_factor[1] + extra), 0.0, bounds.elements,
-                               bounds.table)
+                               bounds.table, widest=None if bounds.widest is None else bounds.widest + extra)
         splat = GaussianMixtureRenderFn(
             rf.padded_grid(), sampling="point", n_sigma=self._window_sigma(), accumulate=self.accumulate,
         ).with_bounds(shifted)
