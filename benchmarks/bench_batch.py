@@ -95,6 +95,13 @@ def mm_arrays(atoms):
             np.asarray(atoms.b_factors, np.float64), np.asarray(atoms.occupancies, np.float64))
 
 
+def mm_assemble(indices, parts, n):
+    """(n, ...) the maps of the structures: the sum of their parts' maps."""
+    from modelmap.batch import assemble
+
+    return assemble(indices, parts, n)
+
+
 def mm_plan(structures, method, resolution, box, voxel):
     """[(render_fn, stacked volumes, member indices, origins (B_g, 3))] of `plan_batch`'s groups."""
     groups = plan_batch(structures, resolution, method=method, box=box, voxel_size=voxel)
@@ -198,13 +205,15 @@ def run_modelmap(args, structures, n_atoms, report):
             fns = tuple(g[0] for g in groups)
             vols = tuple(g[1] for g in groups)
 
+            indices = tuple(np.asarray(g[2]) for g in groups)
+
             def forward(f, v):
-                return tuple(mm_render_stacked(fi, vi, args.batch_size) for fi, vi in zip(f, v))
+                # the structures' maps: each the sum of its parts' maps
+                parts = [mm_render_stacked(fi, vi, args.batch_size) for fi, vi in zip(f, v)]
+                return mm_assemble(indices, parts, n)
 
             def vag(f, v):
-                return eqx.filter_value_and_grad(
-                    lambda vs: sum(jnp.sum(mm_render_stacked(fi, vi, args.batch_size) ** 2) for fi, vi in zip(f, vs))
-                )(v)
+                return eqx.filter_value_and_grad(lambda vs: jnp.sum(forward(f, vs) ** 2))(v)
 
             for mode, func in (("forward", forward), ("value_and_grad", vag)):
                 predicted = per_structure.get(mode, 0.0) * n
@@ -222,8 +231,8 @@ def run_modelmap(args, structures, n_atoms, report):
                 r["maps_per_s"] = n / r["median_s"]
                 per_structure[mode] = r["per_structure_s"]
                 row[mode] = r
-                if mode == "forward" and 0 in groups[0][2]:
-                    first_maps[method] = np.asarray(out[0][list(groups[0][2]).index(0)])
+                if mode == "forward":
+                    first_maps[method] = np.asarray(out[0])
                 _log(f"{method} B={n} {mode}: compile {r['compile_s']:.1f} s, median {r['median_s']:.3f} s, "
                      f"{r['maps_per_s']:.1f} maps/s")
     return first_maps

@@ -189,13 +189,21 @@ def mm_batch_render(structures, resolution, method, box, voxel, batch_size):
 
 
 def mm_batch_plan(structures, resolution, method, box, voxel):
-    """[(render_fn, stacked volumes, member indices)] of `plan_batch`'s groups."""
+    """[(render_fn, stacked volumes, the structure of each part)] of `plan_batch`'s groups."""
     groups = plan_batch(structures, resolution, method=method, box=box, voxel_size=voxel)
     return [(g.render_fn, g.volumes, np.asarray(g.indices)) for g in groups]
 
 
 def mm_render_stacked(render_fn, volumes, batch_size):
     return render_stacked(render_fn, volumes, batch_size=batch_size)
+
+
+def mm_assemble(indices, parts, n):
+    """(n, ...) the structures' maps: the sum of their parts' maps (a structure's atoms are split
+    into parts by B class)."""
+    from modelmap.batch import assemble
+
+    return assemble(indices, parts, n)
 
 
 def mm_read_map(path):
@@ -589,7 +597,9 @@ class Check:
             setup = time.perf_counter() - t0
             fns = tuple(g[0] for g in groups)
             vols = tuple(g[1] for g in groups)
-            r = time_jitted(lambda f, v: tuple(mm_render_stacked(fi, vi, a.batch_chunk) for fi, vi in zip(f, v)),
+            indices = tuple(g[2] for g in groups)
+            r = time_jitted(lambda f, v: mm_assemble(indices, [mm_render_stacked(fi, vi, a.batch_chunk)
+                                                               for fi, vi in zip(f, v)], len(structures)),
                             (fns, vols), a.repeats, a.cap_s, self.budget)
             r["maps_per_s"] = len(structures) / r["median_s"] if r["median_s"] else None
             return {"setup_s": setup, "n_groups": len(groups), "group_sizes": [len(g[2]) for g in groups], **r}
@@ -599,10 +609,12 @@ class Check:
                 raise RuntimeError("no planned groups (the stacked forward measurement failed)")
             fns = tuple(g[0] for g in state["groups"])
             vols = tuple(g[1] for g in state["groups"])
+            indices = tuple(g[2] for g in state["groups"])
 
             def vag(f, v):
                 def loss(vs):
-                    return sum(jnp.sum(mm_render_stacked(fi, vi, a.batch_chunk) ** 2) for fi, vi in zip(f, vs))
+                    parts = [mm_render_stacked(fi, vi, a.batch_chunk) for fi, vi in zip(f, vs)]
+                    return jnp.sum(mm_assemble(indices, parts, a.batch_size_n) ** 2)
 
                 return eqx.filter_value_and_grad(loss)(v)
 

@@ -351,13 +351,20 @@ def _split_by_width(b: np.ndarray, b_step: float, min_part: int) -> list[tuple[f
     return parts
 
 
-def assemble(groups: Sequence[BatchGroup], rendered: Sequence[Array], n_structures: int) -> Array:
-    """The map of every structure, `(n_structures, nz, ny, nx)`: the sum of its parts' maps
-    (`rendered[g]` is `render_stacked` of `groups[g]`; differentiable)."""
-    shape = groups[0].render_fn.grid.shape
-    maps = jnp.zeros((n_structures, *shape), rendered[0].dtype)
+def assemble(groups: Sequence[BatchGroup | Sequence[int]], rendered: Sequence[Array], n_structures: int) -> Array:
+    """The map of every structure, `(n_structures, nz, ny, nx)`: the sum of its parts' maps.
+
+    **Arguments:**
+
+    - `groups`: the `BatchGroup`s of `plan_batch` (or, for each, the structure index of each part).
+    - `rendered`: `render_stacked` of each group, `(B_g, nz, ny, nx)`.
+    - `n_structures`: how many structures the batch holds.
+
+    **Returns:** the maps, in the structures' order (differentiable).
+    """
+    maps = jnp.zeros((n_structures, *rendered[0].shape[1:]), rendered[0].dtype)
     for g, r in zip(groups, rendered):
-        maps = maps.at[np.asarray(g.indices)].add(r)
+        maps = maps.at[np.asarray(g.indices if isinstance(g, BatchGroup) else g)].add(r)
     return maps
 
 
