@@ -354,8 +354,10 @@ def run_gemmi(args, structures, report):
 # ---- cryoJAX ----------------------------------------------------------------------------------------
 def run_cryojax(args, structures, report, tmp: Path):
     origins = report.get("_origins")
-    if not args.cryojax_python:
-        report["cryojax"] = {"error": "no cryoJAX interpreter (--cryojax-python)"}
+    if not args.cryojax_python or not Path(args.cryojax_python).exists():
+        report["cryojax"] = {"error": f"no cryoJAX interpreter (--cryojax-python {args.cryojax_python!r}); "
+                                      "make one: python3 -m venv V && V/bin/pip install 'cryojax==0.6.*'"}
+        _log("cryoJAX: " + report["cryojax"]["error"])
         return None
     if origins is None:
         report["cryojax"] = {"error": "no box origins (the Gaussian batch plan failed)"}
@@ -390,6 +392,9 @@ def run_cryojax(args, structures, report, tmp: Path):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.cryojax_timeout_s)
     except subprocess.TimeoutExpired:
         report["cryojax"] = {"error": f"timed out after {args.cryojax_timeout_s} s"}
+        return None
+    except OSError as e:
+        report["cryojax"] = {"error": f"{type(e).__name__}: {e}"}
         return None
     for line in proc.stderr.splitlines():
         if line.startswith("[cryojax]"):
