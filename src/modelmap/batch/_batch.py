@@ -41,9 +41,9 @@ from ..render import (
     ShellRenderFn,
     SplatFourierRenderFn,
 )
+from ..render._render import volume_for_method
 from ..scattering import get_table
-from ..volumes import AbstractVolume, GaussianMixtureVolume, IndependentAtomVolume, ShellDecompositionVolume
-from ..volumes import DEFAULT_SHELL_TERMS
+from ..volumes import DEFAULT_SHELL_TERMS, AbstractVolume
 
 __all__ = [
     "assemble",
@@ -326,7 +326,7 @@ def plan_batch(
         for j, (k, part) in enumerate(members):
             a = jax.tree.map(lambda x: x[part], structures[k])
             a = eqx.tree_at(lambda x: x.positions, a, a.positions - jnp.asarray(shifts[k], a.positions.dtype))
-            vols.append(_volume(method, pad_atoms(a, size), resolution, table, n_terms))
+            vols.append(volume_for_method(method, pad_atoms(a, size), resolution, table, n_terms))
             atom_index[j, : len(part)] = part
         ks = [k for k, _ in members]
         out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(ks), atom_index, np.asarray(origins[ks])))
@@ -376,31 +376,15 @@ def _render_fn(method: str, grid: Grid, sampling: str) -> AbstractRenderFn:
     return ShellRenderFn(grid)
 
 
-def _volume(method: str, atoms: Atoms, resolution, table: str, n_terms: int) -> AbstractVolume:
-    if method == "gaussian":
-        return GaussianMixtureVolume.from_atoms(atoms, resolution, table)
-    if method == "fourier":
-        return IndependentAtomVolume.from_atoms(atoms, resolution, table)
-    return ShellDecompositionVolume.from_atoms(atoms, resolution, table, n_terms=n_terms)
-
-
 def render_batch(
-    structures: Sequence[Atoms],
-    resolution: float,
-    *,
-    method: Literal["gaussian", "fourier", "shells"] = "gaussian",
-    grid: Grid | None = None,
-    box: int | tuple[int, int, int] | None = None,
-    voxel_size: float | tuple[float, float, float] = 1.0,
-    batch_size: int | None = None,
-    **options,
+    structures: Sequence[Atoms], resolution: float, *, batch_size: int | None = None, **options
 ) -> BatchMaps:
     """Render one map per structure (see `plan_batch` for the arguments; `batch_size` structures are
     rendered at a time inside each bucket's `lax.map`; `None`: `default_batch_size()`).
 
     **Returns:** `BatchMaps` with `maps` `(B, nz, ny, nx)` in input order and each map's origin.
     """
-    groups = plan_batch(structures, resolution, method=method, grid=grid, box=box, voxel_size=voxel_size, **options)
+    groups = plan_batch(structures, resolution, **options)
     batch_size = default_batch_size() if batch_size is None else batch_size
     rendered = [render_stacked(g.render_fn, g.volumes, batch_size) for g in groups]
     origins = np.zeros((len(structures), 3))

@@ -11,4 +11,8 @@ from ._windows import (
     WindowBucket as WindowBucket,
     WindowPlan as WindowPlan,
 )
-from ._render import render_model as render_model, fourier_render_fn as fourier_render_fn
+from ._render import (
+    fourier_render_fn as fourier_render_fn,
+    render_model as render_model,
+    volume_for_method as volume_for_method,
+)

@@ -81,11 +81,22 @@ def render_model(
     validate_atoms(atoms.atoms if isinstance(atoms, Ensemble) else atoms)
     tab = get_table(table)
     tab.check_elements(atoms.atoms.atomic_numbers if isinstance(atoms, Ensemble) else atoms.atomic_numbers)
+    if method == "shells" and sampling != "point":
+        raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
+    volume = volume_for_method(method, atoms, resolution, table, n_terms)
     if method == "shells":
-        if sampling != "point":
-            raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
-        volume = ShellDecompositionVolume.from_atoms(atoms, resolution, table, n_terms=n_terms)
         return ShellRenderFn(grid)(volume)
     if method == "fourier":
-        return fourier_render_fn(grid, sampling)(IndependentAtomVolume.from_atoms(atoms, resolution, table))
-    return GaussianMixtureRenderFn(grid, sampling=sampling)(GaussianMixtureVolume.from_atoms(atoms, resolution, table))
+        return fourier_render_fn(grid, sampling)(volume)
+    return GaussianMixtureRenderFn(grid, sampling=sampling)(volume)
+
+
+def volume_for_method(method: str, atoms, resolution, table: str = "electron", n_terms: int = DEFAULT_SHELL_TERMS):
+    """The volume a method renders (`"gaussian"`, `"fourier"` or `"shells"`; see `render_model`)."""
+    if method == "gaussian":
+        return GaussianMixtureVolume.from_atoms(atoms, resolution, table)
+    if method == "fourier":
+        return IndependentAtomVolume.from_atoms(atoms, resolution, table)
+    if method == "shells":
+        return ShellDecompositionVolume.from_atoms(atoms, resolution, table, n_terms=n_terms)
+    raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
