@@ -186,9 +186,17 @@ def run(command, args: list[str], cwd, monlib=None) -> dict:
     wall = time.perf_counter() - t
     lines = proc.stdout.splitlines()
     unknown_type = sum("unknown chemical type" in ln for ln in lines)  # --unrestrained: one per atom
-    notes = [ln.strip() for ln in lines if any(w in ln for w in _NOTES) and "unknown chemical type" not in ln]
+    links: dict[str, int] = {}
+    notes = []
+    for ln in lines:
+        if "Link confirmed: id=" in ln:  # one per link: counted by link id
+            link = ln.split("id=", 1)[1].split()[0]
+            links[link] = links.get(link, 0) + 1
+        elif any(w in ln for w in _NOTES) and "unknown chemical type" not in ln:
+            notes.append(ln.strip())
+    notes = [f"links confirmed: {links}"] * bool(links) + list(dict.fromkeys(notes))[:40]
     out = {"command": " ".join(["servalcat", *args]), "wall_s": wall, "returncode": proc.returncode,
-           "log_notes": list(dict.fromkeys(notes))[:40]}
+           "log_notes": notes}
     if unknown_type:
         out["log_notes"].append(f"({unknown_type} warnings 'unknown chemical type ... Will use default type')")
     if proc.returncode != 0:
