@@ -123,7 +123,7 @@ def case_xyz_b(model, density, steps):
                 and np.sqrt(np.mean((b_ - bt) ** 2)) <= 3.0 and float(restraints.bond_rmsd(atoms.positions)) <= 0.02
                 and float(restraints.angle_rmsd(atoms.positions)) <= 2.5)
 
-    r, timing = _run(check, start, target, 3.0, grid=density.grid, refine=("xyz", "b"), restraints=restraints,
+    r, timing = _run(check, start, target, 3.0, grid=density.grid, parameters=("xyz", "b"), restraints=restraints,
                      max_steps=steps)
     bb = np.asarray(r.atoms.b_factors)
     return {
@@ -148,7 +148,7 @@ def case_b(model, density, target, steps):
         b_ = np.asarray(atoms.b_factors)
         return np.corrcoef(b_, bt)[0, 1] >= 0.99 and np.sqrt(np.mean((b_ - bt) ** 2)) <= 2.0
 
-    r, timing = _run(check, start, target, 3.0, grid=density.grid, refine=("b",), restraints=False, max_steps=steps)
+    r, timing = _run(check, start, target, 3.0, grid=density.grid, parameters=("b",), restraints=False, max_steps=steps)
     bb = np.asarray(r.atoms.b_factors)
     return {"case": "b", "atoms": truth.n_atoms, **timing,
             "b_r": float(np.corrcoef(bb, bt)[0, 1]), "b_rmse": float(np.sqrt(np.mean((bb - bt) ** 2))),
@@ -174,7 +174,7 @@ def case_occ(model, density, steps):
 
     rows = []
     for groups in (None, "residue"):
-        r, timing = _run(check, model, target, 3.0, grid=density.grid, refine=("occ",), max_steps=steps,
+        r, timing = _run(check, model, target, 3.0, grid=density.grid, parameters=("occ",), max_steps=steps,
                          occupancy_groups=groups)
         occ = np.asarray(r.atoms.occupancies)
         mean = np.array([occ[resn == k].mean() for k in residues])  # per residue
@@ -204,12 +204,12 @@ def case_res(model, density, steps, groups="residue", start="scan"):
         return np.median(e[first]) <= 0.3 and np.median(e[~first]) <= 0.3
 
     # one (cold) run: a map value and gradient costs ~16 s here (41³-voxel windows at D up to 5.5 Å)
-    r, timing = _run(check, model, target, 3.5, grid=density.grid, refine=("res",), max_steps=steps, warm=False,
+    r, timing = _run(check, model, target, 3.5, grid=density.grid, parameters=("res",), max_steps=steps, warm=False,
                      resolution_groups=groups, resolutions="scan" if start == "scan" else 3.5)
-    err = np.abs(r.resolutions - d_true)
+    err = np.abs(r.resolution - d_true)
     return {"case": "res", "resolution_groups": groups, "start": start, "atoms": truth.n_atoms, **timing,
             "median_err_2.5": float(np.median(err[first])), "median_err_5": float(np.median(err[~first])),
-            "median_d_2.5": float(np.median(r.resolutions[first])), "median_d_5": float(np.median(r.resolutions[~first]))}
+            "median_d_2.5": float(np.median(r.resolution[first])), "median_d_5": float(np.median(r.resolution[~first]))}
 
 
 def case_servalcat(command, model, density, target, ncycle=10):
@@ -392,10 +392,10 @@ def case_b_flat(model, density, steps, sv=None, monlib=None, cycles=(20,)):
     rows = []
     if steps > 0:
         t = time.perf_counter()
-        r = refine(start, mm.DensityMap(target, density.grid), d, refine=("b",), max_steps=steps, progress=False)
+        r = refine(start, mm.DensityMap(target, density.grid), d, parameters=("b",), max_steps=steps, progress=False)
         wall = time.perf_counter() - t
         rows.append({**common, "program": "modelmap", "wall_s": wall, "steps": int(r.n_steps), "max_steps": steps,
-                     "call": f"refine(start, DensityMap(target, grid), {d}, refine=('b',), max_steps={steps}, progress=False)",
+                     "call": f"refine(start, DensityMap(target, grid), {d}, parameters=('b',), max_steps={steps}, progress=False)",
                      **_b_stats(r.atoms.b_factors, bt)})
     if sv:
         from _servalcat import label_keys
@@ -458,11 +458,11 @@ def case_real_sv(model, density, steps, sv=None, monlib=None, cycles=None):
                                                 **fsc_of(ref.positions, atoms.b_factors, "deposited")}))
         if steps > 0:
             t = time.perf_counter()
-            r = refine(model, density, d, refine=("xyz", "b"), max_steps=steps, progress=False)
+            r = refine(model, density, d, parameters=("xyz", "b"), max_steps=steps, progress=False)
             wall = time.perf_counter() - t
             rows.append(scored("modelmap", r.model, {
                 "wall_s": wall, "steps": int(r.n_steps), "max_steps": steps,
-                "call": f"refine(model, density, {d}, refine=('xyz', 'b'), max_steps={steps}, progress=False)",
+                "call": f"refine(model, density, {d}, parameters=('xyz', 'b'), max_steps={steps}, progress=False)",
                 **fsc_of(r.atoms.positions, r.atoms.b_factors, "modelmap")}))
         if sv:
             _servalcat_inputs(tmp, MODEL, density.grid)
@@ -511,7 +511,7 @@ def case_crambin(steps, sv=None, monlib=None, cycles=None, seed=0):
     rows = []
     if steps > 0:
         t = time.perf_counter()
-        r = refine(start, mm.DensityMap(target, grid), d, refine=("xyz", "b"), max_steps=steps, progress=False)
+        r = refine(start, mm.DensityMap(target, grid), d, parameters=("xyz", "b"), max_steps=steps, progress=False)
         wall = time.perf_counter() - t
         rows.append({**common, "program": "modelmap", "wall_s": wall, "steps": int(r.n_steps), "max_steps": steps,
                      **scored(np.asarray(r.atoms.positions, np.float64), r.atoms.b_factors)})

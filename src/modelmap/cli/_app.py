@@ -369,13 +369,6 @@ def score(
     typer.echo(f"took {time.perf_counter() - t0:.1f} s")
 
 
-class Solver(str, enum.Enum):
-    lbfgs = "lbfgs"
-    adam = "adam"
-    optx_lbfgs = "optx-lbfgs"
-    bfgs = "bfgs"
-
-
 class Loss(str, enum.Enum):
     ls = "ls"
     cc = "cc"
@@ -397,7 +390,6 @@ def refine(
     parameters: Annotated[str, typer.Option("--refine", help="Comma-separated: xyz, b, occ, res (per-atom resolution), rigid (per chain).")] = "xyz,b",
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 200,
     macro_cycles: Annotated[int, typer.Option("--macro-cycles", help="Restarts that re-weigh map against restraints and rebuild contacts.")] = 3,
-    solver: Annotated[Solver, typer.Option("--solver", help="lbfgs, adam (optax); optx-lbfgs, bfgs (optimistix; bfgs for <= 3000 parameters).")] = Solver.lbfgs,
     loss: Annotated[Loss, typer.Option("--loss", help="ls: least squares with fitted scale and offset; cc: 1 - CC; q: 1 - mean Q (xyz only).")] = Loss.ls,
     weight: Annotated[str, typer.Option("--weight", help="Map weight: auto (gradient norms, as phenix.refine) or a number.")] = "auto",
     occ_groups: Annotated[Groups, typer.Option("--occ-groups", help="With occ: one occupancy per atom, or per residue "
@@ -406,6 +398,8 @@ def refine(
                                                "(and alternate conformer).")] = Groups.atom,
     res_scan: Annotated[bool, typer.Option("--res-scan/--no-res-scan", help="With res: start each residue at the uniform "
                                            "resolution (RES ± 2 Å) that fits it best, instead of at RES.")] = True,
+    monomer_library: Annotated[Optional[Path], typer.Option("--monomer-library", help="A CCP4 monomer library folder "
+                                                            "for the restraints (e.g. $CLIBD_MON); default: the PDB's CCD.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the before/after report and the per-step history as JSON.")] = None,
     cxc_out: Annotated[Optional[Path], typer.Option("--cxc", help="Write a ChimeraX script: map, refined model coloured by shift, start model in gray.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
@@ -424,7 +418,7 @@ def refine(
     t0 = time.perf_counter()
     try:
         r = refine_to_files(map, model, resolution, output, parameters=names, max_steps=steps,
-                            macro_cycles=macro_cycles, solver=solver.value, loss=loss.value,
+                            macro_cycles=macro_cycles, loss=loss.value, monomer_library=monomer_library,
                             map_weight=map_weight, occupancy_groups=occ_groups.value,
                             resolution_groups=res_groups.value,
                             resolutions=None if res_scan or "res" not in names else resolution, json_out=json_out,
@@ -437,9 +431,15 @@ def refine(
     typer.echo(f"  {'':12} {'before':>9} {'after':>9}")
     for key, label, fmt in (("cc_mask", "CC_mask", "{:9.4f}"), ("cc_box", "CC_box", "{:9.4f}"),
                             ("q_mean", "mean Q", "{:9.4f}"), ("bond_rmsd", "bonds (Å)", "{:9.4f}"),
-                            ("angle_rmsd", "angles (°)", "{:9.2f}")):
+                            ("angle_rmsd", "angles (°)", "{:9.2f}"), ("clashes", "clashes", "{:9d}")):
         typer.echo(f"  {label:12} {fmt.format(b[key])} {fmt.format(a[key])}")
-    typer.echo(f"  atoms moved {r['mean_shift']:.2f} Å on average (at most {r['max_shift']:.2f} Å)")
+    g = r["geometry"]
+    typer.echo(f"  (clashes: heavy-atom contacts under 2.2 Å, not bonded or 1-3)")
+    typer.echo(f"  atoms moved {g['mean_shift']:.2f} Å on average (at most {g['max_shift']:.2f} Å); "
+               f"{g['atoms_moved_over_3']} atoms and {len(g.get('backbone_moved_over_3', []))} backbone atoms moved > 3 Å")
+    for line in g.get("backbone_moved_over_3", [])[:10]:
+        typer.echo(f"    {line} Å")
+    typer.echo(f"  restraints from {r['monomer_library']}")
     for what, path in r["written"].items():
         typer.echo(f"wrote {path} ({what.replace('_', ' ')})")
     typer.echo(f"took {time.perf_counter() - t0:.1f} s")

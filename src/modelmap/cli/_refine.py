@@ -11,18 +11,24 @@ __all__ = ["refine_to_files", "before_after"]
 
 
 def before_after(density, model, resolution: float, restraints) -> dict:
-    """CC_mask (phenix.map_model_cc's), mean Q (MapQ, σ 0.6) and bond / angle rmsd of `model`."""
+    """CC_mask (phenix.map_model_cc's), mean Q (MapQ, σ 0.6), bond / angle rmsd and clashes
+    (heavy-atom contacts under 2.2 Å, not bonded or 1-3) of `model`."""
     from ..scores import map_model_cc, q_score
 
     cc = map_model_cc(density, model, resolution)
     q = q_score(density, model)
-    geo = restraints.summary(np.asarray(model.atoms.positions)) if restraints is not None else {}
+    from ..refine import clashes
+
+    pos = np.asarray(model.atoms.positions)
+    geo = restraints.summary(pos) if restraints is not None else {}
+    bonds = None if restraints is None else np.asarray(restraints.bond_index)
     return {
         "cc_mask": float(cc.cc_mask),
         "cc_box": float(cc.cc_box),
         "q_mean": float(q.mean()),
         "bond_rmsd": float(geo.get("bond_rmsd", float("nan"))),
         "angle_rmsd": float(geo.get("angle_rmsd", float("nan"))),
+        "clashes": int(len(clashes(pos, np.asarray(model.atoms.atomic_numbers), bonds, np.asarray(model.labels.altloc)))),
     }
 
 
@@ -35,8 +41,8 @@ def refine_to_files(
     parameters: tuple[str, ...] = ("xyz", "b"),
     max_steps: int = 200,
     macro_cycles: int = 3,
-    solver: str = "lbfgs",
     loss: str = "ls",
+    monomer_library: Path | None = None,
     map_weight: float | str = "auto",
     occupancy_groups: str = "atom",
     resolution_groups: str = "atom",
@@ -57,7 +63,7 @@ def refine_to_files(
     """
     from .. import io
     from ..io._atomic_write import atomic_path
-    from ..refine import build_restraints, refine
+    from ..refine import RefineConfig, build_restraints, refine
     from ._app import model_stem
 
     inputs = (map_path, model_path)
@@ -68,39 +74,39 @@ def refine_to_files(
     model = io.read_model(model_path)
     if model.is_ensemble:
         raise ValueError(f"{model_path} has {model.atoms.positions.shape[0]} models; refine one (the first: split the file)")
-    restraints = build_restraints(model)
+    restraints = build_restraints(model, monomer_library=monomer_library)
     before = before_after(density, model, resolution, restraints)
-    result = refine(model, density, resolution, refine=parameters, restraints=restraints, max_steps=max_steps,
-                    macro_cycles=macro_cycles, solver=solver, loss=loss, map_weight=map_weight,
-                    occupancy_groups=occupancy_groups,
-                    resolution_groups=resolution_groups, resolutions=resolutions, progress=progress)
+    result = refine(model, density, resolution, RefineConfig(
+        parameters=parameters, max_steps=max_steps, macro_cycles=macro_cycles, loss=loss, map_weight=map_weight),
+        restraints=restraints, occupancy_groups=occupancy_groups, resolution_groups=resolution_groups,
+        resolutions=resolutions, progress=progress)
     refined = result.model
     after = before_after(density, refined, resolution, restraints)
     written = {"model": str(io.write_model(output, refined))}
-    shift = np.linalg.norm(np.asarray(refined.atoms.positions) - np.asarray(model.atoms.positions), axis=-1)
+    shift = np.linalg.norm(np.asarray(refined.atoms.positions, np.float64) - np.asarray(model.atoms.positions, np.float64),
+                           axis=-1)
     stem = model_stem(output)
     shift_path = output.with_name(stem + "_shift.defattr")
     io.write_attribute_file(shift_path, refined.labels, shift, "shift")
     written["shift_attributes"] = str(shift_path)
-    if result.resolutions is not None:
+    if result.resolution is not None:
         res_path = output.with_name(stem + "_resolution.defattr")
-        io.write_attribute_file(res_path, refined.labels, result.resolutions, "resolution")
+        io.write_attribute_file(res_path, refined.labels, result.resolution, "resolution")
         written["resolution_attributes"] = str(res_path)
     h = result.history
     summary = {
         "map": str(map_path), "model": str(model_path), "resolution": resolution,
-        "parameters": list(parameters), "solver": solver, "loss": loss, "occupancy_groups": occupancy_groups,
+        "parameters": list(parameters), "loss": loss, "occupancy_groups": occupancy_groups,
         "resolution_groups": resolution_groups, "resolution_start": "scan" if "res" in parameters and resolutions in (None, "scan") else "uniform",
-        "result": result.result, "n_steps": result.n_steps, "map_weight": result.map_weight,
-        "time": float(h["time"][-1]) if len(h["time"]) else 0.0,
-        "before": before, "after": after,
-        "mean_shift": float(shift.mean()), "max_shift": float(shift.max()),
+        "result": result.result, "n_steps": result.n_steps, "n_evaluations": result.n_evaluations,
+        "map_weight": result.map_weight, "time": result.time, "before": before, "after": after,
+        "geometry": result.geometry, "events": result.events, "monomer_library": result.monomer_library,
         "written": written,
     }
     if json_out is not None:
         payload = {**summary, "history": {k: [None if not np.isfinite(v) else float(v) for v in h[k]] for k in h}}
-        if result.resolutions is not None:
-            payload["resolutions"] = [float(v) for v in result.resolutions]
+        if result.resolution is not None:
+            payload["resolutions"] = [float(v) for v in result.resolution]
         with atomic_path(json_out, protect=inputs) as tmp:
             tmp.write_text(json.dumps(payload, indent=1))
         written["json"] = str(json_out)
@@ -113,7 +119,7 @@ def refine_to_files(
             "color byattribute a:shift #1 palette 0,white:0.5,orange:1.5,red noValueColor gray",
             "key white:0 orange:0.5 red:1.5 pos 0.85,0.1 size 0.03,0.3",
         ]
-        if result.resolutions is not None:
+        if result.resolution is not None:
             extra.append(f'open "{Path(written["resolution_attributes"]).name}"')
         io.write_chimerax_script(cxc_out, output, map_path, level, extra_commands=tuple(extra))
         written["cxc"] = str(cxc_out)

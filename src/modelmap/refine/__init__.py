@@ -1,10 +1,22 @@
-"""Real-space refinement: map terms, geometry restraints and the `refine` loop.
+"""Real-space refinement: map terms, geometry restraints and the compiled refinement loop.
 
 Ideal values come from the PDB Chemical Component Dictionary as biotite ships it (side chains,
 ligands, nucleotides), Engh & Huber (1991) for the protein backbone and peptide link, or a CCP4
-monomer library when one is given or `$CLIBD_MON` is set; see `modelmap.refine._restraints`.
+monomer library when one is given; see `modelmap.refine._restraints`. The loop is
+`modelmap.refine._solver` (L-BFGS with a strong-Wolfe line search, `_line_search`) run by
+`modelmap.refine._refine`.
 """
 
+from ._config import PARAMETERS as PARAMETERS, RefineConfig as RefineConfig
+from ._line_search import StrongWolfe as StrongWolfe
+from ._loss import (
+    cc_loss as cc_loss,
+    least_squares_loss as least_squares_loss,
+    masked_cc as masked_cc,
+    q_loss as q_loss,
+)
+from ._refine import refine as refine, refine_batch as refine_batch
+from ._report import RefineResult as RefineResult, clashes as clashes
 from ._restraints import (
     ANGLE_SIGMA as ANGLE_SIGMA,
     BACKBONE_ANGLE_SIGMA as BACKBONE_ANGLE_SIGMA,
@@ -18,10 +30,4 @@ from ._restraints import (
     build_restraints as build_restraints,
     residue_template as residue_template,
 )
-from ._loss import (
-    cc_loss as cc_loss,
-    least_squares_loss as least_squares_loss,
-    masked_cc as masked_cc,
-    q_loss as q_loss,
-)
-from ._refine import PARAMETERS as PARAMETERS, RefineResult as RefineResult, refine as refine
+from ._solver import LBFGS as LBFGS, minimise as minimise

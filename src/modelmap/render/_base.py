@@ -15,7 +15,7 @@ from .._grid import Grid
 from ..scattering import TABLE_NAMES, get_table
 from ..volumes import AbstractVolume
 
-__all__ = ["AbstractRenderFn", "RenderBounds", "checked_call", "is_traced"]
+__all__ = ["AbstractRenderFn", "RenderBounds", "checked_call", "is_traced", "split_margin"]
 
 VolumeT = TypeVar("VolumeT", bound=AbstractVolume)
 
@@ -23,6 +23,15 @@ VolumeT = TypeVar("VolumeT", bound=AbstractVolume)
 def is_traced(*values) -> bool:
     """Whether any array in `values` (pytrees) is a tracer (inside jit/grad/vmap)."""
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(values))
+
+
+def split_margin(b_margin) -> tuple[float, float]:
+    """`(below, above)` Å² from a `with_plan` B margin: one number for both, or a pair (B may drop
+    by `below` and grow by `above`; both >= 0)."""
+    below, above = (float(x) for x in np.broadcast_to(np.asarray(b_margin, np.float64), (2,)))
+    if not (below >= 0 and above >= 0):
+        raise ValueError(f"b_margin must be >= 0 Å² (or a pair (below, above) of them), got {b_margin}")
+    return below, above
 
 
 def checked_call(fn, *args):
@@ -153,9 +162,12 @@ class AbstractRenderFn(eqx.Module, Generic[VolumeT]):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def with_plan(self, volume: VolumeT, b_margin: float = 0.0, d_margin: float = 0.0) -> "AbstractRenderFn[VolumeT]":
-        """A copy planned for the concrete `volume`, allowing B to grow by `b_margin` Å² and D by
-        `d_margin` Å (where the method has a per-atom D)."""
+    def with_plan(
+        self, volume: VolumeT, b_margin: float | tuple[float, float] = 0.0, d_margin: float = 0.0
+    ) -> "AbstractRenderFn[VolumeT]":
+        """A copy planned for the concrete `volume`, allowing every atom's B to change by `b_margin`
+        Å² (one number: up or down; a pair `(below, above)`: down by the first, up by the second)
+        and D by `d_margin` Å (where the method has a per-atom D)."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max
+from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max, split_margin
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_windows
 
 __all__ = ["GaussianMixtureRenderFn"]
@@ -74,10 +74,12 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
         return self.plan is not None
 
     def with_plan(
-        self, volume: GaussianMixtureVolume, b_margin: float = 0.0, d_margin: float = 0.0
+        self, volume: GaussianMixtureVolume, b_margin: float | tuple[float, float] = 0.0, d_margin: float = 0.0
     ) -> "GaussianMixtureRenderFn":
         """A copy with windows planned for `volume` (concrete; a leading batch axis: every member),
-        allowing every atom's B to grow by `b_margin` Å² and its D by `d_margin` Å."""
+        allowing every atom's B to grow by `b_margin` Å² (a pair: its second entry; a lower B
+        always fits) and its D by `d_margin` Å."""
+        b_margin = split_margin(b_margin)[1]
         if is_traced(volume):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
         self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)

@@ -46,7 +46,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import IndependentAtomVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call
+from ._base import AbstractRenderFn, RenderBounds, checked_call, split_margin
 
 __all__ = ["NufftRenderFn", "chebyshev_nodes_for"]
 
@@ -199,14 +199,18 @@ class NufftRenderFn(AbstractRenderFn[IndependentAtomVolume]):
         return dataclasses.replace(self, resolution_range=(d_lo, d_hi), n_nodes=q,
                                    beta_range=jnp.asarray([beta_lo, beta_hi], jnp.float32))
 
-    def with_plan(self, volume: IndependentAtomVolume, b_margin: float = 0.0, d_margin: float = 0.0) -> "NufftRenderFn":
+    def with_plan(
+        self, volume: IndependentAtomVolume, b_margin: float | tuple[float, float] = 0.0, d_margin: float = 0.0
+    ) -> "NufftRenderFn":
         """A copy whose B interpolation covers `volume`'s B (concrete; a leading batch axis: every
-        member), widened by `b_margin` Å², for its resolution D (lowered by `d_margin` Å)."""
+        member), widened by `b_margin` Å² (a pair: `(below, above)`), for its resolution D (lowered
+        by `d_margin` Å)."""
+        below, above = split_margin(b_margin)
         widths = np.asarray(volume.gaussian_widths(), np.float64)
         if widths.size == 0:
             raise ValueError("the volume has no atoms")
         d = np.asarray(volume.resolution, np.float64)
-        return self._planned(float(widths.min()) - b_margin, float(widths.max()) + b_margin,
+        return self._planned(float(widths.min()) - below, float(widths.max()) + above,
                              float(d.min()) - d_margin, float(d.max()))
 
     def with_bounds(self, bounds: RenderBounds) -> "NufftRenderFn":

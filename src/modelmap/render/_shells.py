@@ -18,7 +18,7 @@ from jaxtyping import Array, Float
 from .._grid import Grid
 from ..shells import D_RANGE, get_shell_table
 from ..volumes._shell_decomposition import ShellDecompositionVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max
+from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max, split_margin
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_kernel
 
 __all__ = ["ShellRenderFn", "omega", "shell_reach"]
@@ -236,10 +236,11 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
         return 32 * math.ceil(nodes / 32)
 
     def with_plan(
-        self, volume: ShellDecompositionVolume, b_margin: float = 0.0, d_margin: float = 0.0
+        self, volume: ShellDecompositionVolume, b_margin: float | tuple[float, float] = 0.0, d_margin: float = 0.0
     ) -> "ShellRenderFn":
         """A copy with windows planned for `volume` (concrete; a leading batch axis: every member),
-        allowing B to grow by `b_margin` Å² and D by `d_margin` Å."""
+        allowing B to change by `b_margin` Å² (a pair: `(below, above)`) and D by `d_margin` Å."""
+        below, above = split_margin(b_margin)
         if is_traced(volume):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
         self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)
@@ -247,11 +248,11 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
         flat = _flatten(volume)
         _check_concrete(flat)
         reach = np.asarray(_reach(flat, self.n_sigma))
-        if b_margin or d_margin:
+        if above or d_margin:
             grown = eqx.tree_at(
                 lambda v: (v.b_factors, v.resolution),
                 flat,
-                (flat.b_factors + b_margin, jnp.minimum(flat.resolution + d_margin, D_RANGE[1])),
+                (flat.b_factors + above, jnp.minimum(flat.resolution + d_margin, D_RANGE[1])),
             )
             reach = np.maximum(reach, np.asarray(_reach(grown, self.n_sigma)))
         positions = np.asarray(volume.positions).reshape(-1, *volume.positions.shape[-2:])[0]
@@ -259,13 +260,13 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
             self.grid, positions, per_slot_max(reach.reshape(volume.positions.shape[:-1]), n_lead),
             n_sigma=self.n_sigma, chunk_size=self.chunk_size or default_chunk_size(64, 1024), granularity=None,
         )
-        # profile tables: D may drop by d_margin, B by b_margin (to at most half)
+        # profile tables: D may drop by d_margin, B by `below` (to at most half)
         _, widths, _ = flat.shell_parameters()
         widths = np.asarray(widths, np.float64)
         if d_margin:
             sharper = eqx.tree_at(lambda v: v.resolution, flat, jnp.maximum(flat.resolution - d_margin, D_RANGE[0]))
             widths = np.minimum(widths, np.asarray(sharper.shell_parameters()[1], np.float64))
-        narrowest = float(np.min(np.maximum(widths - b_margin, 0.5 * widths)))
+        narrowest = float(np.min(np.maximum(widths - below, 0.5 * widths)))
         nodes = self._nodes(narrowest, _window_corner(self.grid, plan.buckets))
         return dataclasses.replace(self, plan=plan, profile_nodes=nodes)
 

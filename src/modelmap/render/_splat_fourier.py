@@ -39,7 +39,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume, IndependentAtomVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call
+from ._base import AbstractRenderFn, RenderBounds, checked_call, split_margin
 from ._gaussian_mixture import GaussianMixtureRenderFn
 from ._nufft import check_nyquist, check_resolution, hard_sphere, padded_box
 
@@ -161,27 +161,29 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
         return aliasing_blur(self.grid, d_lo, b_min, self.eps, (np.asarray(table.a)[z], np.asarray(table.b)[z]))
 
     def with_plan(
-        self, volume: IndependentAtomVolume, b_margin: float = 0.0, d_margin: float = 0.0
+        self, volume: IndependentAtomVolume, b_margin: float | tuple[float, float] = 0.0, d_margin: float = 0.0
     ) -> "SplatFourierRenderFn":
         """A copy planned for `volume` (concrete; a leading batch axis: every member): B_x from its
-        smallest B lowered by `b_margin`, windows that allow every B to grow by `b_margin` Å², for
-        its D (lowered by `d_margin` Å)."""
+        smallest B lowered by `b_margin` (a pair `(below, above)`: by `below`), windows that allow
+        every B to grow by `b_margin` (`above`) Å², for its D (lowered by `d_margin` Å)."""
+        below, above = split_margin(b_margin)
         b = np.asarray(volume.b_factors, np.float64)
         if b.size == 0:
             raise ValueError("the volume has no atoms")
         d = np.asarray(volume.resolution, np.float64)
         d_lo, d_hi = float(d.min()) - d_margin, float(d.max())
-        extra = self._blur(d_lo, max(float(b.min()) - b_margin, 0.0), np.unique(np.asarray(volume.atomic_numbers)),
+        extra = self._blur(d_lo, max(float(b.min()) - below, 0.0), np.unique(np.asarray(volume.atomic_numbers)),
                            volume.table)
-        if float(np.asarray(volume.gaussian_widths()).min()) - b_margin + extra <= 0:
+        if float(np.asarray(volume.gaussian_widths()).min()) - below + extra <= 0:
             raise ValueError(
-                "every Gaussian needs b_k + B + B_x > 0; give the atoms B > 0 or a smaller b_margin"
+                f"every Gaussian needs b_k + B + B_x > 0; the plan lets B drop by {below} Å² to "
+                f"{float(b.min()) - below:.2f} Å²: plan for a smaller drop"
             )
         rf = dataclasses.replace(self, resolution_range=(d_lo, d_hi), extra_b=jnp.asarray(extra, jnp.float32))
         splat = GaussianMixtureRenderFn(
             rf.padded_grid(), sampling="point", n_sigma=self._window_sigma(), max_buckets=self.max_buckets,
             accumulate=self.accumulate,
-        ).with_plan(_gaussians(volume, extra), b_margin=b_margin)
+        ).with_plan(_gaussians(volume, extra), b_margin=above)
         return dataclasses.replace(rf, splat=splat)
 
     def with_bounds(self, bounds: RenderBounds) -> "SplatFourierRenderFn":
