@@ -385,16 +385,28 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
             w = 1.0  # nothing to balance the map against
         else:
             at_one = eqx.tree_at(lambda a: a.weight, pr.args, jnp.ones((), jnp.float32))
-            # the objective's gradient at w = 1 from the compiled run itself (no step taken)
-            g1 = run(st, pr.u, at_one, 0).grad
-            gg = geometry_gradient(pr.u, at_one, st)
-            leaves = zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(gg))
-            gm2 = gg2 = 0.0
-            for a, b in leaves:
-                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-                gm2 += float(np.sum((a - b) ** 2))
-                gg2 += float(np.sum(b**2))
-            w = cfg.weight_scale * math.sqrt(gg2 / gm2) if gm2 > 0 and gg2 > 0 else 1.0
+
+            def parts(u):
+                """(∇(n L_map), ∇E_geom) at u as flat float64 arrays: the objective's gradient at
+                w = 1 from the compiled run itself (no step taken) minus the restraints' own."""
+                g1 = np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                     for x in jax.tree_util.tree_leaves(run(st, u, at_one, 0).grad)])
+                gg = np.concatenate([np.ravel(np.asarray(x, np.float64))
+                                     for x in jax.tree_util.tree_leaves(geometry_gradient(u, at_one, st))])
+                return g1 - gg, gg
+
+            gm, gg = parts(pr.u)
+            if st.restrain_xyz:  # the gradients' balance
+                w = cfg.weight_scale * math.sqrt(gg @ gg / (gm @ gm)) if gm @ gm > 0 and gg @ gg > 0 else 1.0
+            else:
+                # B, occupancy or resolution alone: the restraints' gradient may vanish at the start
+                # (every B alike); balance the curvatures along a random ±0.1-unit direction instead
+                rng = np.random.default_rng(0)
+                v = {k: jnp.asarray(0.1 * rng.choice([-1.0, 1.0], x.shape), x.dtype) for k, x in pr.u.items()}
+                gm_v, gg_v = parts({k: pr.u[k] + v[k] for k in pr.u})
+                flat = np.concatenate([np.ravel(np.asarray(v[k], np.float64)) for k in sorted(v)])
+                hm, hg = flat @ (gm_v - gm), flat @ (gg_v - gg)
+                w = hg / hm if hm > 0 and hg > 0 else 1.0
             if cycle > 0:  # never raised: a fit that converges shrinks the map's gradient, not its noise
                 w = min(w, pr.weight / 3.0 if pr.loose else pr.weight)
             if cycle > 0:
