@@ -44,3 +44,11 @@ def test_bad_shape(bad):
 def test_bad_voxel():
     with pytest.raises(ValueError, match="positive"):
         mm.Grid((4, 4, 4), (1.0, 0.0, 1.0))
+
+
+def test_same_as_tolerates_header_rounding_only():
+    grid = mm.Grid((4, 5, 6), (1.0, 2.0, 3.0), (10.0, 20.0, 30.0))
+    assert grid.same_as(mm.Grid((4, 5, 6), (1.0 + 1e-7, 2.0, 3.0), (10.0 + 1e-5, 20.0, 30.0)))
+    assert not grid.same_as(mm.Grid((4, 5, 7), (1.0, 2.0, 3.0), (10.0, 20.0, 30.0)))
+    assert not grid.same_as(mm.Grid((4, 5, 6), (1.001, 2.0, 3.0), (10.0, 20.0, 30.0)))
+    assert not grid.same_as(mm.Grid((4, 5, 6), (1.0, 2.0, 3.0), (10.01, 20.0, 30.0)))

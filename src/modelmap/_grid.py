@@ -139,6 +139,23 @@ class Grid(eqx.Module):
         """Positions in Å of fractional voxel indices `(i, j, k)` (x, y, z order)."""
         return np.asarray(self.origin) + index * np.asarray(self.voxel_size)
 
+    def same_as(self, other: "Grid") -> bool:
+        """Whether `other` places the same points: the same shape, voxel sizes equal to 1e-6
+        (relative) and origins within 1e-4 of a voxel (the rounding of values read from an MRC
+        header, which stores them in float32).
+
+        **Arguments:**
+
+        - `other`: another `Grid`.
+
+        **Returns:** `True` if a map on one grid is a map on the other.
+        """
+        return (
+            tuple(self.shape) == tuple(other.shape)
+            and bool(np.allclose(self.voxel_size, other.voxel_size, rtol=1e-6, atol=0))
+            and bool(np.allclose(self.origin, other.origin, rtol=0, atol=1e-4 * min(self.voxel_size)))
+        )
+
     def nbytes(self, itemsize: int = 4) -> int:
         return self.n_voxels * itemsize
 

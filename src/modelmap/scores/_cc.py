@@ -303,13 +303,6 @@ def _atoms_of(model) -> tuple[Atoms, object]:
     return atoms, labels
 
 
-def _same_grid(g1: Grid, g2: Grid) -> bool:
-    return (
-        tuple(g1.shape) == tuple(g2.shape)
-        and np.allclose(g1.voxel_size, g2.voxel_size, rtol=1e-6, atol=0)
-        and np.allclose(g1.origin, g2.origin, rtol=0, atol=1e-4 * min(g1.voxel_size))
-    )
-
 
 def _model_map(model_map, atoms, grid, resolution, table) -> np.ndarray:
     if model_map is None:
@@ -319,7 +312,7 @@ def _model_map(model_map, atoms, grid, resolution, table) -> np.ndarray:
             render_model(atoms, grid, resolution, method="fourier", sampling="point", table=table),
             np.float64,
         )
-    if isinstance(model_map, DensityMap) and not _same_grid(model_map.grid, grid):
+    if isinstance(model_map, DensityMap) and not model_map.grid.same_as(grid):
         raise ModelmapError(f"the model map's grid {model_map.grid} does not match the map's grid {grid}")
     data, _ = map_array(model_map, grid, what="the model map")
     return data
