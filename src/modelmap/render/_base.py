@@ -15,9 +15,20 @@ from .._grid import Grid
 from ..scattering import TABLE_NAMES, get_table
 from ..volumes import AbstractVolume
 
-__all__ = ["AbstractRenderFn", "RenderBounds", "checked_call", "is_traced"]
+__all__ = ["AbstractRenderFn", "RenderBounds", "SAMPLINGS", "check_sampling", "checked_call", "is_traced"]
 
 VolumeT = TypeVar("VolumeT", bound=AbstractVolume)
+
+
+#: What a render function's map values are: `"point"`, the map at the grid points, or `"average"`,
+#: its mean over each voxel's box (centred on the grid point).
+SAMPLINGS = ("average", "point")
+
+
+def check_sampling(sampling: str) -> None:
+    """Raise `ValueError` unless `sampling` is one of `SAMPLINGS`."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be 'average' or 'point', got {sampling!r}")
 
 
 def is_traced(*values) -> bool:

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max
+from ._base import AbstractRenderFn, RenderBounds, check_sampling, checked_call, is_traced, per_slot_max
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_windows
 
 __all__ = ["GaussianMixtureRenderFn"]
@@ -62,8 +62,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
     accumulate: str = eqx.field(static=True, default="auto")
 
     def __check_init__(self):
-        if self.sampling not in ("average", "point"):
-            raise ValueError(f"sampling must be 'average' or 'point', got {self.sampling!r}")
+        check_sampling(self.sampling)
         if self.n_sigma <= 0:
             raise ValueError("n_sigma must be positive")
         if self.accumulate not in ACCUMULATE:

@@ -46,7 +46,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import IndependentAtomVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call
+from ._base import AbstractRenderFn, RenderBounds, check_sampling, checked_call
 
 __all__ = ["NufftRenderFn", "chebyshev_nodes_for"]
 
@@ -181,10 +181,7 @@ class NufftRenderFn(AbstractRenderFn[IndependentAtomVolume]):
     beta_range: Float[Array, "2"] | None = None
 
     def __check_init__(self):
-        if self.sampling not in ("average", "point"):
-            raise ValueError(f"sampling must be 'average' or 'point', got {self.sampling!r}")
-        if self.resolution_range is not None:
-            check_nyquist(self.grid, self.resolution_range[0], strict=False)
+        check_fourier_fields(self.grid, self.sampling, self.resolution_range, strict=False)
 
     @property
     def is_planned(self) -> bool:
@@ -240,6 +237,15 @@ def check_nyquist(grid: Grid, resolution: float, strict: bool) -> None:
             f"{nyquist:.4g} Å (2 × voxel size); use a finer grid or a coarser resolution"
             + ("; NufftRenderFn reaches the Nyquist limit itself" if strict else "")
         )
+
+
+def check_fourier_fields(grid: Grid, sampling: str, resolution_range, strict: bool) -> None:
+    """The checks both Fourier-map render functions make of their fields: a known `sampling`, and
+    a planned finest D (`resolution_range[0]`, when planned) within the grid's Nyquist limit
+    (`check_nyquist`, `strict` as there)."""
+    check_sampling(sampling)
+    if resolution_range is not None:
+        check_nyquist(grid, resolution_range[0], strict=strict)
 
 
 def padded_box(grid: Grid, padding: float | None, resolution_range) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
