@@ -52,7 +52,7 @@ from scipy.spatial import cKDTree
 from .._atoms import AtomLabels, Atoms
 from .._errors import InvalidAtomsError, ModelmapError
 from .._grid import Grid
-from .._interpolate import interpolate_map
+from .._interpolate import interpolate_map, interpolate_map_chimera, interpolate_map_numpy
 from ..io._map import DensityMap, map_array
 
 __all__ = [
@@ -449,72 +449,6 @@ def _blocked_exact(nb, pos, prox, a, u, rad, frac, k, variant):
 
 
 # --------------------------------------------------------------------------------------------------
-# Interpolation as Chimera does it (float32, VolumeData interpolate.cpp `interpolate_volume`)
-# --------------------------------------------------------------------------------------------------
-
-
-def _xyz_to_ijk_f32(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Chimera's `xyz_to_ijk_transform` (float64 `invert_matrix`) as the float32 C++ code sees it."""
-    inv = 1.0 / np.asarray(grid.voxel_size, np.float64)
-    shift = inv * -np.asarray(grid.origin, np.float64)
-    return inv.astype(np.float32), shift.astype(np.float32)
-
-
-def _interp_chimera(data32: np.ndarray, grid: Grid, points: np.ndarray) -> np.ndarray:
-    """Trilinear interpolation as Chimera's `interpolate_volume` (C++, `Interpolate` namespace).
-
-    Points are cast to float32; per axis the fractional index is fl(fl(t·x) + t₃) in float32
-    (`data_cell`); a point is outside (value 0) when its cell index is < 0 or >= n - 1, so the last
-    grid plane counts as outside; the weights and the nested sum are float32 in the C++ order.
-    """
-    scale, shift = _xyz_to_ijk_f32(grid)
-    p = np.asarray(points, np.float32).reshape(-1, 3)
-    ijk = p * scale + shift  # float32: fl(fl(t·x) + t3) per axis, as data_cell()
-    fl = np.floor(ijk)
-    b = fl.astype(np.int64)
-    f = ijk - fl
-    n_xyz = np.array(grid.shape[::-1])
-    inside = np.all((b >= 0) & (b < n_xyz - 1), axis=-1)
-    b = np.where(inside[:, None], b, 0)
-    f = np.where(inside[:, None], f, np.float32(0))
-    one = np.float32(1)
-    fi1, fj1, fk1 = f[:, 0], f[:, 1], f[:, 2]
-    fi0, fj0, fk0 = one - fi1, one - fj1, one - fk1
-    i, j, k = b[:, 0], b[:, 1], b[:, 2]
-    d = data32
-    c000, c100 = d[k, j, i], d[k, j, i + 1]
-    c010, c110 = d[k, j + 1, i], d[k, j + 1, i + 1]
-    c001, c101 = d[k + 1, j, i], d[k + 1, j, i + 1]
-    c011, c111 = d[k + 1, j + 1, i], d[k + 1, j + 1, i + 1]
-    val = fk0 * (fj0 * (fi0 * c000 + fi1 * c100) + fj1 * (fi0 * c010 + fi1 * c110)) + fk1 * (
-        fj0 * (fi0 * c001 + fi1 * c101) + fj1 * (fi0 * c011 + fi1 * c111)
-    )
-    return np.where(inside, val, np.float32(0)).reshape(np.shape(points)[:-1])
-
-
-def _interp_f64(data64: np.ndarray, grid: Grid, points: np.ndarray) -> np.ndarray:
-    """Trilinear interpolation in float64 (same cell and outside rule as `interpolate_map`)."""
-    p = np.asarray(points, np.float64).reshape(-1, 3)
-    u = (p - np.asarray(grid.origin)) / np.asarray(grid.voxel_size)
-    n_xyz = np.array(grid.shape[::-1])
-    inside = np.all((u >= 0) & (u <= n_xyz - 1), axis=-1)
-    b = np.clip(np.floor(u).astype(np.int64), 0, np.maximum(n_xyz - 2, 0))
-    t = np.where(inside[:, None], u - b, 0.0)
-    b = np.where(inside[:, None], b, 0)
-    i, j, k = b[:, 0], b[:, 1], b[:, 2]
-    i1, j1, k1 = (np.minimum(b[:, a] + 1, n_xyz[a] - 1) for a in range(3))
-    tx, ty, tz = t[:, 0], t[:, 1], t[:, 2]
-    d = data64
-    val = (
-        (1 - tz) * ((1 - ty) * ((1 - tx) * d[k, j, i] + tx * d[k, j, i1])
-                    + ty * ((1 - tx) * d[k, j1, i] + tx * d[k, j1, i1]))
-        + tz * ((1 - ty) * ((1 - tx) * d[k1, j, i] + tx * d[k1, j, i1])
-                + ty * ((1 - tx) * d[k1, j1, i] + tx * d[k1, j1, i1]))
-    )
-    return np.where(inside, val, 0.0).reshape(np.shape(points)[:-1])
-
-
-# --------------------------------------------------------------------------------------------------
 # The exact score
 # --------------------------------------------------------------------------------------------------
 
@@ -546,11 +480,9 @@ def _evaluate_exact(
 ) -> np.ndarray:
     """Per-atom Q in float64 from concrete probes (only the kept probes are interpolated)."""
     if interpolation == "chimera":
-        dat = np.asarray(data, np.float32)
-        interp = functools.partial(_interp_chimera, dat, grid)
+        interp = functools.partial(interpolate_map_chimera, np.asarray(data, np.float32), grid)
     elif interpolation == "float64":
-        dat = np.asarray(data, np.float64)
-        interp = functools.partial(_interp_f64, dat, grid)
+        interp = functools.partial(interpolate_map_numpy, np.asarray(data, np.float64), grid)
     else:
         raise ValueError(f"interpolation must be 'chimera' or 'float64', got {interpolation!r}")
     min_d, max_d = a_b
@@ -1006,7 +938,7 @@ def mapq_regrid(density_map, atoms_or_positions, *, bound: int = 6):
     ]
     zz, yy, xx = np.meshgrid(ax[2], ax[1], ax[0], indexing="ij")
     pts = np.stack([xx, yy, zz], axis=-1)
-    values = _interp_chimera(np.asarray(data, np.float32), grid, pts).astype(np.float32)
+    values = interpolate_map_chimera(data, grid, pts)
     # Chimera's MRC writer: ORIGIN field (float32), cell = step * size (float32), nstart 0
     cell = (step * n_xyz).astype(np.float32).astype(np.float64)
     new_grid = Grid(
