@@ -53,6 +53,7 @@ from .._atoms import AtomLabels, Atoms
 from .._errors import InvalidAtomsError, ModelmapError
 from .._grid import Grid
 from .._interpolate import interpolate_map, interpolate_map_chimera, interpolate_map_numpy
+from .._residues import group_members, residue_groups, residue_kind
 from ..io._map import DensityMap, map_array
 
 __all__ = [
@@ -674,11 +675,6 @@ def _map_parts(density_map) -> tuple[np.ndarray, Grid]:
 # Results and aggregation
 # --------------------------------------------------------------------------------------------------
 
-_PROTEIN = frozenset(
-    "ALA ARG ASN ASP CYS GLN GLU GLY HIS ILE LEU LYS MET PHE PRO SER THR TRP TYR VAL "
-    "MSE SEC PYL ASX GLX UNK HSD HSE HID HIE HIP CYX".split()
-)
-_NUCLEIC = frozenset("A C G U T I DA DC DG DT DU DI ADE CYT GUA URA THY".split())
 #: MapQ `SetBBAts`: protein backbone (OT1/OT2 are CHARMM's C-terminal oxygens; OXT counts as side
 #: chain there too, and CB is side chain).
 _PROTEIN_BACKBONE = frozenset("N CA C O OT1 OT2".split())
@@ -760,27 +756,23 @@ class QScores:
         Residues in order of appearance; residues without scored atoms are left out.
         """
         lab = self._need_labels()
-        ok = self.scored
-        keys = list(zip(lab.chain.tolist(), lab.residue_number.tolist(),
-                        lab.insertion_code.tolist(), lab.residue_name.tolist()))
-        groups: dict[ResidueKey, list[int]] = {}
-        for i in np.flatnonzero(ok):
-            groups.setdefault(keys[i], []).append(int(i))
         out: dict[ResidueKey, ResidueQ] = {}
-        for key, members in groups.items():
-            idx = np.array(members)
+        for idx in group_members(residue_groups(lab, altloc=False, name=True), np.flatnonzero(self.scored)):
+            first = int(idx[0])
+            key = (str(lab.chain[first]), int(lab.residue_number[first]), str(lab.insertion_code[first]),
+                   str(lab.residue_name[first]))
             qs, names = self.q[idx], lab.atom_name[idx]
-            resname = key[3].upper()
+            kind = residue_kind(key[3])
 
             def mean_of(sel):
                 return float(np.mean(qs[sel])) if np.any(sel) else math.nan
 
             every = mean_of(np.ones(idx.size, bool))
-            if resname in _PROTEIN:
+            if kind == "protein":
                 bb = np.isin(names, list(_PROTEIN_BACKBONE))
                 out[key] = ResidueQ(every, mean_of(bb), mean_of(~bb), kind="protein",
                                     n_atoms=idx.size)
-            elif resname in _NUCLEIC:
+            elif kind == "nucleic":
                 bb = np.isin(names, list(_NUCLEIC_BACKBONE))
                 sugar = np.isin(names, list(_NUCLEIC_SUGAR))
                 base = ~bb & ~sugar
