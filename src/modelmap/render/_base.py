@@ -15,7 +15,7 @@ from .._grid import Grid
 from ..scattering import TABLE_NAMES, get_table
 from ..volumes import AbstractVolume
 
-__all__ = ["AbstractRenderFn", "RenderBounds", "SAMPLINGS", "check_sampling", "checked_call", "is_traced"]
+__all__ = ["AbstractRenderFn", "RenderBounds", "SAMPLINGS", "check_sampling", "checked_call", "device_of", "is_traced"]
 
 VolumeT = TypeVar("VolumeT", bound=AbstractVolume)
 
@@ -34,6 +34,15 @@ def check_sampling(sampling: str) -> None:
 def is_traced(*values) -> bool:
     """Whether any array in `values` (pytrees) is a tracer (inside jit/grad/vmap)."""
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(values))
+
+
+def device_of(volume) -> jax.Device:
+    """The device a volume is rendered on: its positions' device when they are a concrete JAX
+    array, else (numpy arrays, or traced) JAX's default device."""
+    pos = volume.positions
+    if isinstance(pos, jax.Array) and not isinstance(pos, jax.core.Tracer):
+        return next(iter(pos.devices()))
+    return jax.devices()[0]
 
 
 def checked_call(fn, *args):

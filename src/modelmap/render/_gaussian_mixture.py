@@ -12,7 +12,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
-from ._base import AbstractRenderFn, RenderBounds, check_sampling, checked_call, is_traced, per_slot_max
+from ._base import AbstractRenderFn, RenderBounds, check_sampling, checked_call, device_of, is_traced, per_slot_max
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_windows
 
 __all__ = ["GaussianMixtureRenderFn"]
@@ -79,7 +79,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
         allowing every atom's B to grow by `b_margin` Å² and its D by `d_margin` Å."""
         if is_traced(volume):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
-        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)
+        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize, device=device_of(volume))
         grown = eqx.tree_at(lambda v: (v.b_factors, v.resolution), volume,
                             (volume.b_factors + b_margin, volume.resolution + d_margin))
         variances = np.asarray(grown.gaussian_variances(), np.float64)

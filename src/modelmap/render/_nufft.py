@@ -46,7 +46,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import IndependentAtomVolume
-from ._base import AbstractRenderFn, RenderBounds, check_sampling, checked_call
+from ._base import AbstractRenderFn, RenderBounds, check_sampling, checked_call, device_of
 
 __all__ = ["NufftRenderFn", "chebyshev_nodes_for"]
 
@@ -86,14 +86,6 @@ def _require_finufft(platform: str = "cpu"):
     if not hasattr(batching, "not_mapped"):
         batching.not_mapped = None
     return nufft1
-
-
-def _platform_of(volume) -> str:
-    """The platform a volume is rendered on: its arrays' device, else (traced) the default backend."""
-    pos = volume.positions
-    if isinstance(pos, jax.Array) and not isinstance(pos, jax.core.Tracer):
-        return next(iter(pos.devices())).platform
-    return jax.default_backend()
 
 
 def _smooth_size(n: int) -> int:
@@ -221,7 +213,7 @@ class NufftRenderFn(AbstractRenderFn[IndependentAtomVolume]):
 
     def __call__(self, volume: IndependentAtomVolume) -> Float[Array, "nz ny nx"]:
         """The Fourier map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
-        nufft1 = _require_finufft(_platform_of(volume))
+        nufft1 = _require_finufft(device_of(volume).platform)
         return checked_call(_render_nufft, self._plan_at_call(volume), volume, nufft1)
 
 

@@ -18,7 +18,7 @@ from .._grid import Grid
 from ..shells import D_RANGE, get_shell_table
 from ..shells._omega import omega
 from ..volumes._shell_decomposition import ShellDecompositionVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max
+from ._base import AbstractRenderFn, RenderBounds, checked_call, device_of, is_traced, per_slot_max
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_kernel
 
 __all__ = ["ShellRenderFn", "shell_reach"]
@@ -214,7 +214,7 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
         allowing B to grow by `b_margin` Å² and D by `d_margin` Å."""
         if is_traced(volume):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
-        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)
+        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize, device=device_of(volume))
         n_lead = volume.positions.ndim - 2
         flat = _flatten(volume)
         _check_concrete(flat)
