@@ -44,3 +44,34 @@ def test_bad_shape(bad):
 def test_bad_voxel():
     with pytest.raises(ValueError, match="positive"):
         mm.Grid((4, 4, 4), (1.0, 0.0, 1.0))
+
+
+def test_same_as_tolerates_header_rounding_only():
+    grid = mm.Grid((4, 5, 6), (1.0, 2.0, 3.0), (10.0, 20.0, 30.0))
+    assert grid.same_as(mm.Grid((4, 5, 6), (1.0 + 1e-7, 2.0, 3.0), (10.0 + 1e-5, 20.0, 30.0)))
+    assert not grid.same_as(mm.Grid((4, 5, 7), (1.0, 2.0, 3.0), (10.0, 20.0, 30.0)))
+    assert not grid.same_as(mm.Grid((4, 5, 6), (1.001, 2.0, 3.0), (10.0, 20.0, 30.0)))
+    assert not grid.same_as(mm.Grid((4, 5, 6), (1.0, 2.0, 3.0), (10.01, 20.0, 30.0)))
+
+
+def test_memory_check_compares_with_a_fixed_limit(monkeypatch):
+    from modelmap._grid import MEMORY_LIMIT_ENV, memory_limit_bytes
+
+    grid = mm.Grid((64, 64, 64), 1.0)  # 1 MiB a copy
+    grid.check_fits_in_memory(limit=4 * 2**20)
+    with pytest.raises(mm.GridTooLargeError, match=r"64 x 64 x 64 .* needs about 0\.0 GiB .*the given limit"):
+        grid.check_fits_in_memory(limit=4 * 2**20 - 1)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "3M")
+    assert memory_limit_bytes() == (3 * 2**20, f"${MEMORY_LIMIT_ENV}")
+    with pytest.raises(mm.GridTooLargeError, match=MEMORY_LIMIT_ENV):
+        grid.check_fits_in_memory()
+    grid.check_fits_in_memory(copies=2)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
+    with pytest.raises(ValueError, match=MEMORY_LIMIT_ENV):
+        memory_limit_bytes()
+    monkeypatch.delenv(MEMORY_LIMIT_ENV)
+    # without the variable: the device's or the machine's memory, the same number every time
+    import jax
+
+    first = memory_limit_bytes(jax.devices()[0])
+    assert first[0] > 0 and first == memory_limit_bytes(jax.devices()[0])

@@ -167,3 +167,51 @@ def test_gz_output_is_gzip(tmp_path):
     with gzip.open(out) as f:
         assert f.read(256)[208:211] == b"MAP"
     np.testing.assert_array_equal(np.asarray(mm.read_map(out).data), data)
+
+
+def test_interpolation_variants_share_the_blend_and_differ_only_in_their_rules():
+    from modelmap._interpolate import interpolate_map_chimera, interpolate_map_numpy
+
+    rng = np.random.default_rng(3)
+    grid = mm.Grid((5, 6, 7), (1.1, 0.9, 1.3), (-2.0, 3.0, 1.5))
+    data = rng.normal(size=grid.shape)
+    lo, hi = np.asarray(grid.origin), np.asarray(grid.origin) + (np.array(grid.shape[::-1]) - 1) * grid.voxel_size
+    pos = rng.uniform(lo - 1, hi + 1, size=(400, 3))
+    ref = interpolate_map_numpy(data, grid, pos)
+    assert ref.dtype == np.float64
+    np.testing.assert_allclose(np.asarray(mm.interpolate_map(data.astype(np.float32), grid, pos.astype(np.float32))),
+                               ref, atol=1e-5)
+    chimera = interpolate_map_chimera(data, grid, pos)
+    assert chimera.dtype == np.float32
+    inner = np.all((pos >= lo) & (pos < hi - 1e-3), axis=-1)  # Chimera: the last plane is outside
+    np.testing.assert_allclose(chimera[inner], ref[inner], atol=1e-5)
+    assert np.all(chimera[~inner & ~np.all((pos >= lo) & (pos <= hi), axis=-1)] == 0)
+    # a position on the last grid plane: inside for ours, outside for Chimera's rule
+    corner = hi[None]
+    assert interpolate_map_numpy(data, grid, corner)[0] == data[-1, -1, -1]
+    assert interpolate_map_chimera(data, grid, corner)[0] == 0
+
+
+def test_density_map_is_a_pytree_with_a_static_grid():
+    import jax
+    import jax.numpy as jnp
+
+    grid = mm.Grid((3, 4, 5), 1.5, (1.0, 2.0, 3.0))
+    density = mm.DensityMap(jnp.arange(60.0, dtype=jnp.float32).reshape(3, 4, 5), grid)
+    leaves, treedef = jax.tree_util.tree_flatten(density)
+    assert len(leaves) == 1 and leaves[0] is density.data
+
+    @jax.jit
+    def scaled(m: mm.DensityMap, factor) -> mm.DensityMap:
+        return mm.DensityMap(m.data * factor, m.grid)
+
+    out = scaled(density, 2.0)
+    assert isinstance(out, mm.DensityMap) and out.grid == grid
+    np.testing.assert_allclose(np.asarray(out.data), 2 * np.asarray(density.data))
+    # values and gradients flow through the map; the grid is not traced
+    g = jax.grad(lambda m: jnp.sum(mm.interpolate_map(m.data, m.grid, jnp.array([[2.5, 3.5, 4.0]]))))(density)
+    assert isinstance(g, mm.DensityMap) and g.grid == grid and float(jnp.sum(g.data)) == pytest.approx(1.0)
+    stacked = jax.vmap(lambda f: scaled(density, f))(jnp.array([1.0, 3.0]))
+    assert stacked.data.shape == (2, 3, 4, 5)
+    with pytest.raises(ValueError, match="does not match"):
+        mm.DensityMap(jnp.zeros((2, 2, 2)), grid)

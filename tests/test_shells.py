@@ -15,7 +15,7 @@ import pytest
 import modelmap as mm
 from modelmap._peptide import ideal_peptide
 from modelmap.io import model_from_structure
-from modelmap.render._shells import omega
+from modelmap.shells._omega import omega
 from modelmap.scattering import atomic_image
 
 from ._reference import assert_gradients_match_central_differences, cc, scattering_factor
@@ -517,3 +517,16 @@ def test_two_regions_at_two_resolutions(shared_data):
         fourier = _fourier_map(atoms, grid, d).reshape(-1)
         value = float(cc(jnp.asarray(mixed.reshape(-1)[region]), jnp.asarray(fourier[region])))
         assert value >= 0.99, (name, value)
+
+
+def test_phi_is_one_definition_exact_on_both_sides_of_the_series_switch():
+    from modelmap.shells._omega import PHI_SERIES_BELOW, phi, phi_derivative
+
+    t = np.array([0.0, 1e-8, 1e-6, PHI_SERIES_BELOW * (1 - 1e-9), PHI_SERIES_BELOW, 1e-3, 0.5, 3.0, 40.0])
+    exact = np.array([1.0] + [float(-np.expm1(-x) / x) for x in t[1:]])
+    np.testing.assert_allclose(phi(t, np), exact, rtol=2e-16)
+    d_exact = np.array([-0.5] + [float((np.exp(-x) * (1 + x) - 1) / x**2) if x > 1e-2 else
+                                 -0.5 + x / 3 - x * x / 8 + x**3 / 30 for x in t[1:]])
+    np.testing.assert_allclose(phi_derivative(t, np), d_exact, rtol=1e-7)
+    # the JAX path is the same function
+    np.testing.assert_allclose(np.asarray(phi(jnp.asarray(t, jnp.float32))), exact, rtol=1e-6)

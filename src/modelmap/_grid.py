@@ -20,15 +20,63 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._errors import GridTooLargeError
 
-__all__ = ["Grid", "available_memory_bytes"]
+__all__ = ["Grid", "DEFAULT_MEMORY_LIMIT", "MEMORY_LIMIT_ENV", "memory_limit_bytes"]
+
+#: Environment variable that sets the memory limit of every size check, in bytes or with a binary
+#: suffix (`"24G"`, `"512M"`, `"1.5T"`).
+MEMORY_LIMIT_ENV = "MODELMAP_MEMORY_LIMIT"
+#: The limit where neither the device nor the system says how much memory there is: 16 GiB.
+DEFAULT_MEMORY_LIMIT = 16 * 2**30
+
+_SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def available_memory_bytes() -> int:
-    """Physical memory currently available to this process, in bytes (best effort)."""
+def _parse_bytes(text: str) -> int:
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SUFFIXES and t[-1:] else ""
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        value = float(t[: len(t) - len(unit)]) * _SUFFIXES[unit]
+    except ValueError:
+        value = -1.0
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"${MEMORY_LIMIT_ENV} must be a positive size such as 8G or 8589934592, got {text!r}")
+    return int(value)
+
+
+def memory_limit_bytes(device=None) -> tuple[int, str]:
+    """The fixed memory a computation may plan for, in bytes, and where that number comes from.
+
+    Size checks compare what a computation needs with this limit, never with the memory that
+    happens to be free at the moment (which depends on other processes and would make the same
+    call pass or fail from one run to the next). In order:
+
+    1. `$MODELMAP_MEMORY_LIMIT` (`MEMORY_LIMIT_ENV`), when set;
+    2. the device's own memory, `device.memory_stats()["bytes_limit"]` (what XLA's allocator may
+       use on a GPU or TPU), for a `device` that reports it;
+    3. the machine's physical memory (`SC_PHYS_PAGES × SC_PAGE_SIZE`) for the host or a CPU device;
+    4. `DEFAULT_MEMORY_LIMIT` (16 GiB) where none of these is known.
+
+    **Arguments:**
+
+    - `device`: a `jax.Device`, or None for the host (where numpy arrays, e.g. a map being read,
+      live).
+
+    **Returns:** `(limit in bytes, a short description of its source)`.
+    """
+    env = os.environ.get(MEMORY_LIMIT_ENV)
+    if env:
+        return _parse_bytes(env), f"${MEMORY_LIMIT_ENV}"
+    if device is not None:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # pragma: no cover - a backend without allocator statistics
+            stats = None
+        if stats and stats.get("bytes_limit"):
+            return int(stats["bytes_limit"]), f"the memory of {device.platform} device {device.id}"
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")), "the machine's physical memory"
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 1 << 62
+        return DEFAULT_MEMORY_LIMIT, "modelmap's default limit"
 
 
 def _triple(value, name: str) -> tuple[float, float, float]:
@@ -139,23 +187,51 @@ class Grid(eqx.Module):
         """Positions in Å of fractional voxel indices `(i, j, k)` (x, y, z order)."""
         return np.asarray(self.origin) + index * np.asarray(self.voxel_size)
 
+    def same_as(self, other: "Grid") -> bool:
+        """Whether `other` places the same points: the same shape, voxel sizes equal to 1e-6
+        (relative) and origins within 1e-4 of a voxel (the rounding of values read from an MRC
+        header, which stores them in float32).
+
+        **Arguments:**
+
+        - `other`: another `Grid`.
+
+        **Returns:** `True` if a map on one grid is a map on the other.
+        """
+        return (
+            tuple(self.shape) == tuple(other.shape)
+            and bool(np.allclose(self.voxel_size, other.voxel_size, rtol=1e-6, atol=0))
+            and bool(np.allclose(self.origin, other.origin, rtol=0, atol=1e-4 * min(self.voxel_size)))
+        )
+
     def nbytes(self, itemsize: int = 4) -> int:
         return self.n_voxels * itemsize
 
-    def check_fits_in_memory(self, itemsize: int = 4, copies: float = 4.0) -> None:
-        """Raise `GridTooLargeError` if `copies` maps of this grid would not fit in free memory.
+    def check_fits_in_memory(
+        self, itemsize: int = 4, copies: float = 4.0, *, device=None, limit: int | None = None
+    ) -> None:
+        """Raise `GridTooLargeError` if `copies` maps of this grid would not fit in memory.
 
-        Called before anything of the grid's size is allocated.
+        Called before anything of the grid's size is allocated. Deterministic: the need is
+        compared with a fixed limit (`memory_limit_bytes`: `$MODELMAP_MEMORY_LIMIT`, else the
+        device's memory, else the machine's physical memory), never with the memory free now.
+
+        **Arguments:**
+
+        - `itemsize`: bytes per value (4 for float32).
+        - `copies`: how many maps of this grid the computation holds at once.
+        - `device`: the `jax.Device` the maps live on; None for the host.
+        - `limit`: the limit in bytes, instead of `memory_limit_bytes(device)`.
         """
         need = self.nbytes(itemsize) * copies
-        have = available_memory_bytes()
+        have, source = (int(limit), "the given limit") if limit is not None else memory_limit_bytes(device)
         if need > have:
             nz, ny, nx = self.shape
             raise GridTooLargeError(
                 f"a {nx} x {ny} x {nz} grid (x, y, z) needs about {need / 2**30:.1f} GiB "
-                f"({copies:g} copies of {self.nbytes(itemsize) / 2**30:.1f} GiB) but only "
-                f"{have / 2**30:.1f} GiB of memory is available; use a larger voxel size, less "
-                "padding or a smaller box"
+                f"({copies:g} copies of {self.nbytes(itemsize) / 2**30:.1f} GiB) but the memory limit is "
+                f"{have / 2**30:.1f} GiB ({source}; set ${MEMORY_LIMIT_ENV} to change it); use a larger "
+                "voxel size, less padding or a smaller box"
             )
 
     def __repr__(self) -> str:

@@ -13,12 +13,12 @@ The origin rule (DESIGN.md, the same as ChimeraX):
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import os
 import warnings
 from pathlib import Path
 
+import equinox as eqx
 import jax.numpy as jnp
 import mrcfile
 import numpy as np
@@ -31,14 +31,24 @@ from ._atomic_write import atomic_path
 __all__ = ["DensityMap", "read_map", "write_map"]
 
 
-@dataclasses.dataclass(frozen=True)
-class DensityMap:
-    """A map on a grid: `data` is `(nz, ny, nx)`, `grid` places it in space (Å)."""
+class DensityMap(eqx.Module):
+    """A map on a grid: `data` is `(nz, ny, nx)`, `grid` places it in space (Å).
+
+    A pytree: `data` is its one leaf (differentiable, traced under `jax.jit`/`jax.vmap`), the `Grid`
+    is static (part of the tree's structure, so a jitted function recompiles for a new grid, not
+    for new values).
+
+    **Arguments:**
+
+    - `data`: the values `(nz, ny, nx)` (Å⁻² for electron maps from modelmap, the file's units for
+      maps read from disk).
+    - `grid`: the `Grid` that places them.
+    """
 
     data: Float[Array, "nz ny nx"]
-    grid: Grid
+    grid: Grid = eqx.field(static=True)
 
-    def __post_init__(self):
+    def __check_init__(self):
         if tuple(self.data.shape) != tuple(self.grid.shape):
             raise ValueError(f"map data {self.data.shape} does not match grid {self.grid.shape}")
 

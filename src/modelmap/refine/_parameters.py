@@ -136,10 +136,9 @@ def parameter_groups(labels, n: int, groups, option: str) -> np.ndarray | None:
             raise ValueError(f"{option}='residue' needs an AtomicModel (chain, residue number and insertion "
                              "code of every atom); with bare Atoms give one group id per atom")
         # one group per residue and alternate conformer (a residue's shared atoms are one more)
-        keys = [f"{c}\x1f{r}\x1f{i}\x1f{a}" for c, r, i, a in zip(
-            labels.chain, labels.residue_number, labels.insertion_code, labels.altloc)]
-        _, inv = np.unique(np.asarray(keys), return_inverse=True)
-        return inv.reshape(-1).astype(np.int32)
+        from .._residues import residue_groups
+
+        return residue_groups(labels)
     g = np.asarray(groups)
     if g.shape != (n,):
         raise ValueError(f"{option} must have one entry per atom ({n}), got shape {g.shape}")

@@ -83,6 +83,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import ModelmapError
+from .._residues import residue_kind
 from ._neighbours import NONBONDED_SIGMA, VDW_RADII, nonbonded_pairs
 
 __all__ = [
@@ -106,7 +107,9 @@ PLANE_SIGMA = 0.020  # Å
 CHIRAL_SIGMA = 0.2  # Å³
 LINK_CUTOFF = 2.5  # Å: C(i)-N(i+1), O3'(i)-P(i+1) and SG-SG distances that make a link
 
-_AMINO_ACIDS = frozenset(
+# the residues Engh & Huber (1991) tabulate backbone values for (a narrower set than "protein",
+# `modelmap._residues`)
+_ENGH_HUBER_RESIDUES = frozenset(
     "ALA ARG ASN ASP CYS GLN GLU GLY HIS ILE LEU LYS MET PHE PRO SER THR TRP TYR VAL MSE".split()
 )
 
@@ -326,7 +329,7 @@ def _template_from_ccd(name: str, engh_huber: bool) -> ResidueTemplate | None:
             bond_list.append((a, b))
             if str(order).upper().startswith("DOUB"):
                 double.append((a, b))
-    is_aa = engh_huber and name in _AMINO_ACIDS
+    is_aa = engh_huber and name in _ENGH_HUBER_RESIDUES
     eh_bonds = _engh_huber_bonds(name) if is_aa else {}
     eh_angles = _engh_huber_angles(name) if is_aa else {}
     eh_bonds = {frozenset(k): v for k, v in eh_bonds.items()}
@@ -352,7 +355,7 @@ def _template_from_ccd(name: str, engh_huber: bool) -> ResidueTemplate | None:
             t0[key] = t
             out_angles.append((a, centre, c, round(t, 3), s))
     planes = _sp2_planes(names, elements, bonded, aromatic_atoms, double)
-    if name in _AMINO_ACIDS:  # the carbonyl plane inside a chain is the peptide link's
+    if name in _ENGH_HUBER_RESIDUES:  # the carbonyl plane inside a chain is the peptide link's
         planes = [p for p in planes if not ({"C", "O"} <= set(p))] + [
             p for p in planes if {"C", "O", "OXT"} <= set(p)
         ]
@@ -871,7 +874,7 @@ def build_restraints(
         if len(t.atoms) == 1:  # a single-atom component (ion, water O) is known but has no terms
             for idx in residues[slot].values():
                 restrained[idx] = True
-        if key[3] == "HOH":
+        if residue_kind(key[3]) == "water":
             for idx in residues[slot].values():
                 restrained[idx] = True
 

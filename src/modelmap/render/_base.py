@@ -15,14 +15,35 @@ from .._grid import Grid
 from ..scattering import TABLE_NAMES, get_table
 from ..volumes import AbstractVolume
 
-__all__ = ["AbstractRenderFn", "RenderBounds", "checked_call", "is_traced", "split_margin"]
+__all__ = ["AbstractRenderFn", "RenderBounds", "SAMPLINGS", "check_sampling", "checked_call", "device_of", "is_traced",
+           "split_margin"]
 
 VolumeT = TypeVar("VolumeT", bound=AbstractVolume)
+
+
+#: What a render function's map values are: `"point"`, the map at the grid points, or `"average"`,
+#: its mean over each voxel's box (centred on the grid point).
+SAMPLINGS = ("average", "point")
+
+
+def check_sampling(sampling: str) -> None:
+    """Raise `ValueError` unless `sampling` is one of `SAMPLINGS`."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be 'average' or 'point', got {sampling!r}")
 
 
 def is_traced(*values) -> bool:
     """Whether any array in `values` (pytrees) is a tracer (inside jit/grad/vmap)."""
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(values))
+
+
+def device_of(volume) -> jax.Device:
+    """The device a volume is rendered on: its positions' device when they are a concrete JAX
+    array, else (numpy arrays, or traced) JAX's default device."""
+    pos = volume.positions
+    if isinstance(pos, jax.Array) and not isinstance(pos, jax.core.Tracer):
+        return next(iter(pos.devices()))
+    return jax.devices()[0]
 
 
 def split_margin(b_margin) -> tuple[float, float]:

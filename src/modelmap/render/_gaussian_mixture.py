@@ -12,7 +12,16 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max, split_margin
+from ._base import (
+    AbstractRenderFn,
+    RenderBounds,
+    check_sampling,
+    checked_call,
+    device_of,
+    is_traced,
+    per_slot_max,
+    split_margin,
+)
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_windows
 
 __all__ = ["GaussianMixtureRenderFn"]
@@ -62,8 +71,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
     accumulate: str = eqx.field(static=True, default="auto")
 
     def __check_init__(self):
-        if self.sampling not in ("average", "point"):
-            raise ValueError(f"sampling must be 'average' or 'point', got {self.sampling!r}")
+        check_sampling(self.sampling)
         if self.n_sigma <= 0:
             raise ValueError("n_sigma must be positive")
         if self.accumulate not in ACCUMULATE:
@@ -82,7 +90,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
         b_margin = split_margin(b_margin)[1]
         if is_traced(volume):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
-        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)
+        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize, device=device_of(volume))
         grown = eqx.tree_at(lambda v: (v.b_factors, v.resolution), volume,
                             (volume.b_factors + b_margin, volume.resolution + d_margin))
         variances = np.asarray(grown.gaussian_variances(), np.float64)

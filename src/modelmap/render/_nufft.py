@@ -46,7 +46,7 @@ from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..volumes import IndependentAtomVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call, split_margin
+from ._base import AbstractRenderFn, RenderBounds, check_sampling, checked_call, device_of, split_margin
 
 __all__ = ["NufftRenderFn", "chebyshev_nodes_for"]
 
@@ -86,14 +86,6 @@ def _require_finufft(platform: str = "cpu"):
     if not hasattr(batching, "not_mapped"):
         batching.not_mapped = None
     return nufft1
-
-
-def _platform_of(volume) -> str:
-    """The platform a volume is rendered on: its arrays' device, else (traced) the default backend."""
-    pos = volume.positions
-    if isinstance(pos, jax.Array) and not isinstance(pos, jax.core.Tracer):
-        return next(iter(pos.devices())).platform
-    return jax.default_backend()
 
 
 def _smooth_size(n: int) -> int:
@@ -181,10 +173,7 @@ class NufftRenderFn(AbstractRenderFn[IndependentAtomVolume]):
     beta_range: Float[Array, "2"] | None = None
 
     def __check_init__(self):
-        if self.sampling not in ("average", "point"):
-            raise ValueError(f"sampling must be 'average' or 'point', got {self.sampling!r}")
-        if self.resolution_range is not None:
-            check_nyquist(self.grid, self.resolution_range[0], strict=False)
+        check_fourier_fields(self.grid, self.sampling, self.resolution_range, strict=False)
 
     @property
     def is_planned(self) -> bool:
@@ -228,7 +217,7 @@ class NufftRenderFn(AbstractRenderFn[IndependentAtomVolume]):
 
     def __call__(self, volume: IndependentAtomVolume) -> Float[Array, "nz ny nx"]:
         """The Fourier map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray)."""
-        nufft1 = _require_finufft(_platform_of(volume))
+        nufft1 = _require_finufft(device_of(volume).platform)
         return checked_call(_render_nufft, self._plan_at_call(volume), volume, nufft1)
 
 
@@ -244,6 +233,15 @@ def check_nyquist(grid: Grid, resolution: float, strict: bool) -> None:
             f"{nyquist:.4g} Å (2 × voxel size); use a finer grid or a coarser resolution"
             + ("; NufftRenderFn reaches the Nyquist limit itself" if strict else "")
         )
+
+
+def check_fourier_fields(grid: Grid, sampling: str, resolution_range, strict: bool) -> None:
+    """The checks both Fourier-map render functions make of their fields: a known `sampling`, and
+    a planned finest D (`resolution_range[0]`, when planned) within the grid's Nyquist limit
+    (`check_nyquist`, `strict` as there)."""
+    check_sampling(sampling)
+    if resolution_range is not None:
+        check_nyquist(grid, resolution_range[0], strict=strict)
 
 
 def padded_box(grid: Grid, padding: float | None, resolution_range) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

@@ -11,40 +11,20 @@ import os
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 from jaxtyping import Array, Float
 
 from .._grid import Grid
 from ..shells import D_RANGE, get_shell_table
+from ..shells._omega import omega
 from ..volumes._shell_decomposition import ShellDecompositionVolume
-from ._base import AbstractRenderFn, RenderBounds, checked_call, is_traced, per_slot_max, split_margin
+from ._base import AbstractRenderFn, RenderBounds, checked_call, device_of, is_traced, per_slot_max, split_margin
 from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_kernel
 
-__all__ = ["ShellRenderFn", "omega", "shell_reach"]
+__all__ = ["ShellRenderFn", "shell_reach"]
 
 _FOUR_PI2 = 4.0 * math.pi**2
-_PHI_SERIES_BELOW = 1e-4
 _NODES_PER_SIGMA = 10.0  # profile-table nodes per σ of the narrowest term (error ~1e-6 of the peak)
-
-
-def _phi(t):
-    """`φ(t) = (1 - e^{-t})/t` for t >= 0, with φ(0) = 1 and finite derivatives at 0
-    (the double-`where` trick: the series `1 - t/2 + t²/6` below 1e-4)."""
-    small = t < _PHI_SERIES_BELOW
-    ts = jnp.where(small, 1.0, t)
-    return jnp.where(small, 1 - t / 2 + t * t / 6, -jnp.expm1(-ts) / ts)
-
-
-def omega(r, radius, width):
-    """The shell function `Ω(r; R, B) = (4π/B)^{3/2} exp(-4π²(r-R)²/B) φ(16π² r R/B)` (Å⁻³).
-
-    A sphere of radius R (Å) blurred by B (Å²), integral 1, Fourier transform
-    `exp(-B s²/4) sin(2π s R)/(2π s R)` (Urzhumtsev & Lunin 2022; spec §4.1). R = 0 gives the
-    Gaussian `(4π/B)^{3/2} exp(-4π² r²/B)`. Broadcasts; stable and differentiable at r = 0, R = 0.
-    """
-    a = _FOUR_PI2 / width
-    return (4 * math.pi / width) ** 1.5 * jnp.exp(-a * (r - radius) ** 2) * _phi(4 * a * radius * r)
 
 
 def shell_reach(radii, widths, n_sigma: float):
@@ -59,35 +39,27 @@ class ShellKernel(eqx.Module):
 
     def __call__(self, dx, dy, dz, radii, widths, amps):
         r2 = dz[:, :, None, None] ** 2 + dy[:, None, :, None] ** 2 + dx[:, None, None, :] ** 2
+        return _profile(None, radii, widths, amps, r2=r2)
+
+
+def _profile(r, radii, widths, amps, r2=None):
+    """`Σ_m C_m Ω(r; R_m, B_m)` at radii `r` `(c, ...)` for sources `(c, K)`; term 0 (R = 0) is
+    evaluated as the Gaussian `C_0 (4π/B_0)^{3/2} exp(-4π² r²/B_0)` from `r2` = r² (default `r*r`;
+    `r` itself, then found from `r2` where None, is needed only by the shells m >= 1)."""
+    if r is None:
         positive = r2 > 0
         r = jnp.where(positive, jnp.sqrt(jnp.where(positive, r2, 1.0)), 0.0)
-        k = radii.shape[1]
-        out = None
-        for m in range(k):
-            b = widths[:, m, None, None, None]
-            a = _FOUR_PI2 / b
-            scale = amps[:, m, None, None, None] * (4 * math.pi / b) ** 1.5
-            if m == 0:
-                term = scale * jnp.exp(-a * r2)
-            else:
-                rr = radii[:, m, None, None, None]
-                term = scale * jnp.exp(-a * (r - rr) ** 2) * _phi(4 * a * rr * r)
-            out = term if out is None else out + term
-        return out
-
-
-def _profile(r, radii, widths, amps):
-    """`Σ_m C_m Ω(r; R_m, B_m)` at radii `r` `(c, n)` for sources `(c, K)` (term 0 a Gaussian)."""
+    elif r2 is None:
+        r2 = r * r
+    lead = (slice(None),)
+    tail = (None,) * (r.ndim - 1)
     out = None
     for m in range(radii.shape[1]):
-        b = widths[:, m, None]
-        a = _FOUR_PI2 / b
-        scale = amps[:, m, None] * (4 * math.pi / b) ** 1.5
+        b = widths[lead + (m,) + tail]
         if m == 0:
-            term = scale * jnp.exp(-a * r * r)
+            term = amps[lead + (m,) + tail] * (4 * math.pi / b) ** 1.5 * jnp.exp(-_FOUR_PI2 / b * r2)
         else:
-            rr = radii[:, m, None]
-            term = scale * jnp.exp(-a * (r - rr) ** 2) * _phi(4 * a * rr * r)
+            term = amps[lead + (m,) + tail] * omega(r, radii[lead + (m,) + tail], b)
         out = term if out is None else out + term
     return out
 
@@ -243,7 +215,7 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
         below, above = split_margin(b_margin)
         if is_traced(volume):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
-        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize)
+        self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize, device=device_of(volume))
         n_lead = volume.positions.ndim - 2
         flat = _flatten(volume)
         _check_concrete(flat)

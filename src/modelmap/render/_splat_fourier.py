@@ -41,7 +41,7 @@ from .._grid import Grid
 from ..volumes import GaussianMixtureVolume, IndependentAtomVolume
 from ._base import AbstractRenderFn, RenderBounds, checked_call, split_margin
 from ._gaussian_mixture import GaussianMixtureRenderFn
-from ._nufft import check_nyquist, check_resolution, hard_sphere, padded_box
+from ._nufft import check_fourier_fields, check_nyquist, check_resolution, hard_sphere, padded_box
 
 __all__ = ["SplatFourierRenderFn", "aliasing_blur"]
 
@@ -126,14 +126,11 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
     splat: GaussianMixtureRenderFn | None = None
 
     def __check_init__(self):
-        if self.sampling not in ("average", "point"):
-            raise ValueError(f"sampling must be 'average' or 'point', got {self.sampling!r}")
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if self.n_sigma is not None and not self.n_sigma > 0:
             raise ValueError(f"n_sigma must be positive, got {self.n_sigma}")
-        if self.resolution_range is not None:
-            check_nyquist(self.grid, self.resolution_range[0], strict=True)
+        check_fourier_fields(self.grid, self.sampling, self.resolution_range, strict=True)
 
     @property
     def is_planned(self) -> bool:

@@ -29,18 +29,18 @@ from ._mask import (
     neighbourhood_indices as neighbourhood_indices,
     vdw_radii as vdw_radii,
 )
-from ._qscore import (
-    QProbes as QProbes,
-    QScores as QScores,
-    ResidueQ as ResidueQ,
+from ._mapq import (
     estimated_resolution as estimated_resolution,
     expected_q as expected_q,
     mapq_min_max as mapq_min_max,
-    mapq_radii as mapq_radii,
     mapq_regrid as mapq_regrid,
-    q_score as q_score,
-    q_score_differentiable as q_score_differentiable,
+)
+from ._probes import (
+    QProbes as QProbes,
+    mapq_radii as mapq_radii,
     select_probes as select_probes,
     spiral_points as spiral_points,
 )
+from ._q_aggregate import QScores as QScores, ResidueQ as ResidueQ
+from ._qscore import q_score as q_score, q_score_differentiable as q_score_differentiable
 from ._report import ScoreReport as ScoreReport, score_model as score_model

@@ -45,7 +45,6 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-import gemmi
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +53,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 from .._atoms import Atoms, validate_atoms
 from .._errors import ModelmapError
 from .._grid import Grid
+from .._residues import group_members, is_protein, residue_groups
 from ..io import AtomicModel, DensityMap
 from ..io._map import map_array
 from ..scattering import atomic_image
@@ -303,13 +303,6 @@ def _atoms_of(model) -> tuple[Atoms, object]:
     return atoms, labels
 
 
-def _same_grid(g1: Grid, g2: Grid) -> bool:
-    return (
-        tuple(g1.shape) == tuple(g2.shape)
-        and np.allclose(g1.voxel_size, g2.voxel_size, rtol=1e-6, atol=0)
-        and np.allclose(g1.origin, g2.origin, rtol=0, atol=1e-4 * min(g1.voxel_size))
-    )
-
 
 def _model_map(model_map, atoms, grid, resolution, table) -> np.ndarray:
     if model_map is None:
@@ -319,7 +312,7 @@ def _model_map(model_map, atoms, grid, resolution, table) -> np.ndarray:
             render_model(atoms, grid, resolution, method="fourier", sampling="point", table=table),
             np.float64,
         )
-    if isinstance(model_map, DensityMap) and not _same_grid(model_map.grid, grid):
+    if isinstance(model_map, DensityMap) and not model_map.grid.same_as(grid):
         raise ModelmapError(f"the model map's grid {model_map.grid} does not match the map's grid {grid}")
     data, _ = map_array(model_map, grid, what="the model map")
     return data
@@ -483,18 +476,6 @@ class LocalCC:
     side_chain: float | None
 
 
-def _is_protein(residue_names: np.ndarray) -> np.ndarray:
-    cache: dict[str, bool] = {}
-    out = np.zeros(len(residue_names), bool)
-    for i, name in enumerate(residue_names):
-        name = str(name)
-        if name not in cache:
-            info = gemmi.find_tabulated_residue(name)
-            cache[name] = bool(info is not None and info.is_amino_acid())
-        out[i] = cache[name]
-    return out
-
-
 def local_cc(
     map: DensityMap,
     model: AtomicModel,
@@ -566,21 +547,17 @@ def local_cc(
 
     res_list: list[ResidueCC] = []
     if residues:
-        keys = list(zip(chain_ids.tolist(), np.asarray(labels.residue_number).tolist(),
-                        np.asarray(labels.insertion_code).astype(str).tolist()))
-        groups: dict[tuple, list[int]] = {}
-        for i, k in enumerate(keys):
-            groups.setdefault(k, []).append(i)
         names = np.asarray(labels.residue_name).astype(str)
-        for (cid, num, icode), members in groups.items():
-            sel = np.asarray(members)
+        icodes = np.asarray(labels.insertion_code).astype(str)
+        for sel in group_members(residue_groups(labels, altloc=False)):
+            first = int(sel[0])
             res_list.append(
-                ResidueCC(cid, int(num), icode, str(names[sel[0]]), cc_of(sel), len(sel),
-                          float(b[sel].mean()), float(occ[sel].mean()))
+                ResidueCC(str(chain_ids[first]), int(labels.residue_number[first]), str(icodes[first]), str(names[first]),
+                          cc_of(sel), len(sel), float(b[sel].mean()), float(occ[sel].mean()))
             )
 
     names_atom = np.char.strip(np.asarray(labels.atom_name).astype(str))
-    main = _is_protein(np.asarray(labels.residue_name).astype(str)) & np.isin(names_atom, MAIN_CHAIN_ATOMS)
+    main = is_protein(labels.residue_name) & np.isin(names_atom, MAIN_CHAIN_ATOMS)
     return LocalCC(
         atom_radius=radius,
         chains=chains,

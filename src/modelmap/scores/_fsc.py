@@ -38,14 +38,6 @@ from ..io._map import map_array
 __all__ = ["fsc", "fsc_resolution", "shell_indices"]
 
 
-def _same_grid(g1: Grid, g2: Grid) -> bool:
-    return (
-        tuple(g1.shape) == tuple(g2.shape)
-        and np.allclose(g1.voxel_size, g2.voxel_size, rtol=1e-6, atol=0)
-        and np.allclose(g1.origin, g2.origin, rtol=0, atol=1e-4 * min(g1.voxel_size))
-    )
-
-
 def shell_indices(grid: Grid) -> tuple[np.ndarray, np.ndarray, float]:
     """Shell of every coefficient of `numpy.fft.rfftn` of a map on `grid`.
 
@@ -96,9 +88,9 @@ def fsc(
     """
     a, g1 = map_array(map1, grid, what="map1")
     b, g2 = map_array(map2, grid, what="map2")
-    if not _same_grid(g1, g2):
+    if not g1.same_as(g2):
         raise ModelmapError(f"the maps are not on the same grid: {g1} vs {g2}; resample one first")
-    if grid is not None and not _same_grid(grid, g1):
+    if grid is not None and not grid.same_as(g1):
         raise ModelmapError(f"grid {grid} does not match the maps' grid {g1}")
     if mask is not None:
         w = np.asarray(mask, np.float64)

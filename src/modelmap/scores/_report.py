@@ -12,7 +12,9 @@ from ..io import AtomicModel, DensityMap
 from ._cc import LocalCC, MapModelCC, local_cc, map_model_cc
 from ._fsc import fsc, fsc_resolution
 from ._mask import model_mask
-from ._qscore import QScores, expected_q, mapq_regrid, q_score
+from ._mapq import expected_q, mapq_regrid
+from ._q_aggregate import QScores
+from ._qscore import q_score
 
 __all__ = ["ScoreReport", "score_model"]
 

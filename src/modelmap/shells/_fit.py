@@ -24,8 +24,9 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from ..scattering._images import atomic_image
+from ._omega import omega, omega_partials
 
-__all__ = ["FitSettings", "ShellFit", "omega_np", "fit_image", "normalized_image", "find_extrema"]
+__all__ = ["FitSettings", "ShellFit", "fit_image", "normalized_image", "find_extrema"]
 
 FITTER_VERSION = "2"
 
@@ -66,39 +67,6 @@ class ShellFit:
     max_error: float
     extrema: np.ndarray
     cold: bool
-
-
-def _phi(t):
-    t = np.asarray(t, np.float64)
-    small = t < 1e-6
-    ts = np.where(small, 1.0, t)
-    return np.where(small, 1 - t / 2 + t * t / 6, -np.expm1(-ts) / ts)
-
-
-def _dphi(t):
-    t = np.asarray(t, np.float64)
-    small = t < 1e-4
-    ts = np.where(small, 1.0, t)
-    return np.where(small, -0.5 + t / 3 - t * t / 8, (np.exp(-ts) * (1 + ts) - 1) / ts**2)
-
-
-def omega_np(x, r, b):
-    """Ω(x; r, b) (unit integral in 3-D) in float64; broadcasts."""
-    a = 4 * np.pi**2 / b
-    return (4 * np.pi / b) ** 1.5 * np.exp(-a * (x - r) ** 2) * _phi(4 * a * r * x)
-
-
-def _omega_and_partials(x, r, b):
-    """Ω and its partial derivatives with respect to r and b (§4.3); x (n, 1), r and b (1, K)."""
-    a = 4 * np.pi**2 / b
-    p = (4 * np.pi / b) ** 1.5
-    e = np.exp(-a * (x - r) ** 2)
-    t = 4 * a * r * x
-    ph, dph = _phi(t), _dphi(t)
-    om = p * e * ph
-    d_r = p * e * (2 * a * (x - r) * ph + 4 * a * x * dph)
-    d_b = -1.5 / b * om + p * e * (a * (x - r) ** 2 / b * ph - t / b * dph)
-    return om, d_r, d_b
 
 
 def normalized_image(z: int, resolution: float, x, table: str) -> tuple[np.ndarray, float]:
@@ -146,14 +114,14 @@ class _Problem:
 
     def model(self, v):
         r, b, c = self.unpack(v)
-        return omega_np(self.x, r[None], b[None]) @ c
+        return omega(self.x, r[None], b[None], np) @ c
 
     def residuals(self, v):
         return self.model(v) - self.y
 
     def jacobian(self, v):
         r, b, c = self.unpack(v)
-        om, d_r, d_b = _omega_and_partials(self.x, r[None], b[None])
+        om, d_r, d_b = omega_partials(self.x, r[None], b[None], np)
         n, k = om.shape
         jac = np.empty((n, 3 * k - 1))
         jac[:, 0] = c[0] * d_b[:, 0]
@@ -177,7 +145,7 @@ def _initial_terms(x, y, extrema, settings: FitSettings):
     r = np.concatenate([[0.0], extrema])
     b = np.asarray(b)
     b = np.clip(b, settings.b_min, [settings.cap(m) for m in range(len(b))])
-    c, *_ = np.linalg.lstsq(omega_np(x[:, None], r[None], b[None]), y, rcond=None)
+    c, *_ = np.linalg.lstsq(omega(x[:, None], r[None], b[None], np), y, rcond=None)
     return r, b, c
 
 

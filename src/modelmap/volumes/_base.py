@@ -2,6 +2,7 @@
 
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -54,10 +55,17 @@ class AbstractVolume(eqx.Module):
     def n_atoms(self) -> int:
         return self.positions.shape[-2]
 
+    #: Fields shared by every member of a batch instead of stacked (a volume's scattering or shell
+    #: table): `batch_axes` gives them `None`.
+    shared_fields: ClassVar[tuple[str, ...]] = ()
+
     def batch_axes(self):
         """`jax.vmap` `in_axes` for a batch of such volumes stacked on a leading axis: 0 for every
-        per-atom leaf; shared tables (not stacked) override this with `None`."""
-        return jax.tree.map(lambda _: 0, self)
+        per-atom leaf, `None` for the `shared_fields` (not stacked)."""
+        axes = jax.tree.map(lambda _: 0, self)
+        for name in self.shared_fields:
+            axes = eqx.tree_at(lambda v: getattr(v, name), axes, None, is_leaf=lambda x: x is None)
+        return axes
 
     def rotate_to_pose(self, rotation, center: Float[Array, "3"] | None = None):
         """The volume rotated rigidly: `x' = R (x - c) + c` for every atom.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +43,8 @@ class IndependentAtomVolume(AbstractVolume):
     atomic_numbers: Int[Array, " n"]
     table: ScatteringTable
 
+    shared_fields = ("table",)
+
     @classmethod
     def from_atoms(
         cls,
@@ -67,11 +68,6 @@ class IndependentAtomVolume(AbstractVolume):
         if isinstance(table, str):
             table = get_table(table, dtype=atoms.positions.dtype)
         return cls(atoms.positions, atoms.b_factors, atoms.occupancies, res, atoms.atomic_numbers, table)
-
-    def batch_axes(self):
-        """`jax.vmap` `in_axes` of a stacked batch: per-atom leaves 0, the shared table `None`."""
-        axes = jax.tree.map(lambda _: 0, self)
-        return eqx.tree_at(lambda v: v.table, axes, None, is_leaf=lambda x: x is None)
 
     def total_mass(self) -> Float[Array, ""]:
         """`Σ q_j f_j(0)`: the integral of the unfiltered map (the Fourier map's integral too)."""

@@ -66,6 +66,8 @@ class ShellDecompositionVolume(AbstractVolume):
     table: ShellTable
     n_terms: int = eqx.field(static=True, default=DEFAULT_SHELL_TERMS)
 
+    shared_fields = ("table",)
+
     def __check_init__(self):
         if not 1 <= self.n_terms <= self.table.n_terms:
             raise ValueError(f"n_terms must be in [1, {self.table.n_terms}], got {self.n_terms}")
@@ -120,11 +122,6 @@ class ShellDecompositionVolume(AbstractVolume):
         widths = d[:, None] ** 2 * b + self.b_factors[:, None]
         amps = (self.occupancies * d**3 * rho0)[:, None] * c * self.term_weights()
         return radii, widths, amps
-
-    def batch_axes(self):
-        """`jax.vmap` `in_axes` of a stacked batch: per-atom leaves 0, the shared table `None`."""
-        axes = jax.tree.map(lambda _: 0, self)
-        return eqx.tree_at(lambda v: v.table, axes, None, is_leaf=lambda x: x is None)
 
     def total_mass(self) -> Float[Array, ""]:
         """`Σ_j q_j Σ_m w_m C_m`: the map's integral (≈ Σ q f(0) within a few % for K >= 5)."""
