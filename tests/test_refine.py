@@ -186,7 +186,7 @@ def test_refine_recovers_coordinates_and_b_of_a_helix():
     assert float(restraints.bond_rmsd(r.atoms.positions)) <= 0.02
     assert float(restraints.angle_rmsd(r.atoms.positions)) <= 2.5
     h = r.history
-    assert h["map_loss"][-1] < 1e-3 * h["map_loss"][0]
+    assert h["map_loss"][-1] < 0.01 * h["map_loss"][0]
     assert f"map loss {h['map_loss'][0]:.4f} -> {h['map_loss'][-1]:.4f}" in r.summary()
     assert h["bond_rmsd"][0] > 0.2 and h["bond_rmsd"][-1] <= 0.02
     # the report counts clashes and moves: the perturbed start has close contacts, the result none

@@ -150,6 +150,8 @@ def _render_fn(grid: Grid, pos, z, b_ceiling, occ, res, per_atom: bool, cfg: Ref
     """The model map's render function, planned for every B in [b_bounds[0], b_ceiling] (and
     resolutions within d_margin of `res_ref` for the shell map)."""
     below = max(float(np.min(b_ceiling)) - cfg.b_bounds[0], 0.0)
+    pos = np.asarray(pos)
+    pos = pos[0] if pos.ndim == 3 else pos  # a batch: windows depend on B and D, not on where atoms are
     atoms = Atoms(jnp.asarray(pos), z, jnp.asarray(b_ceiling, jnp.float32), jnp.asarray(occ))
     if per_atom:
         k = _shell_terms(cfg)
