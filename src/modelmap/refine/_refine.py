@@ -142,7 +142,7 @@ def _as_inputs(model, target, grid):
 
 def _b_ceiling(b: np.ndarray, cfg: RefineConfig) -> np.ndarray:
     """Each atom's highest B in a run's render plan: B + max(b_window, B), at most the bound."""
-    return np.minimum(b + np.maximum(cfg.b_window, b), cfg.b_bounds[1])
+    return np.minimum(b + np.maximum(cfg.b_window, 0.5 * b), cfg.b_bounds[1])
 
 
 def _render_fn(grid: Grid, pos, z, b_ceiling, occ, res, per_atom: bool, cfg: RefineConfig, refine_res: bool,
