@@ -2,7 +2,8 @@
 
 Ideal values come from the PDB Chemical Component Dictionary as biotite ships it (side chains,
 ligands, nucleotides), Engh & Huber (1991) for the protein backbone and peptide link, or a CCP4
-monomer library when one is given; see `modelmap.refine._restraints`. The loop is
+monomer library when one is given; see `modelmap.refine._library` (sources), `_build`
+(`build_restraints`), `_restraints` (the energy) and `_neighbours` (contacts). The loop is
 `modelmap.refine._solver` (L-BFGS with a strong-Wolfe line search, `_line_search`) run by
 `modelmap.refine._refine`.
 """
@@ -17,17 +18,16 @@ from ._loss import (
 )
 from ._refine import refine as refine, refine_batch as refine_batch
 from ._report import RefineResult as RefineResult, clashes as clashes
-from ._restraints import (
+from ._build import build_restraints as build_restraints
+from ._library import (
     ANGLE_SIGMA as ANGLE_SIGMA,
     BACKBONE_ANGLE_SIGMA as BACKBONE_ANGLE_SIGMA,
     BOND_SIGMA as BOND_SIGMA,
     CHIRAL_SIGMA as CHIRAL_SIGMA,
     PLANE_SIGMA as PLANE_SIGMA,
     ResidueTemplate as ResidueTemplate,
-    Restraints as Restraints,
     RestraintsWarning as RestraintsWarning,
-    RestraintWeights as RestraintWeights,
-    build_restraints as build_restraints,
     residue_template as residue_template,
 )
+from ._restraints import Restraints as Restraints, RestraintWeights as RestraintWeights
 from ._solver import LBFGS as LBFGS, minimise as minimise

@@ -59,7 +59,8 @@ from ._config import PARAMETERS, RefineConfig
 from ._objective import Args, Static, geometry_gradient, objective
 from ._parameters import UNITS, build, group_units, parameter_groups, rigid_groups, units
 from ._report import Progress, RefineResult, geometry_report
-from ._restraints import Restraints, build_restraints
+from ._build import build_restraints
+from ._restraints import Restraints
 from ._scan import scan_start
 from ._solver import LBFGS, MAX_STEPS, NONFINITE, RESULT_NAMES, STOPPED, minimise
 
