@@ -238,25 +238,12 @@ def case_servalcat(command, model, density, target, ncycle=10):
                         labels.altloc))
 
     def _write_custom_sf_cif(pdb_in, cif_out):
-        """`pdb_in` as mmCIF for `servalcat -s custom`: each atom's `_atom_site.scat_id` is its atomic
-        number and `_lmb_scat_coef` holds the ITC 4.3.2.2 (Peng 1996) 5-Gaussian electron coefficients,
-        gemmi's `c4322`, the same table as modelmap's `"electron"` (the target's)."""
+        """`pdb_in` as mmCIF for `servalcat -s custom` (`_servalcat.write_custom_sf_cif`)."""
+        from _servalcat import write_custom_sf_cif
+
         st = gemmi.read_structure(str(pdb_in))
         st.setup_entities()
-        doc = st.make_mmcif_document()
-        block = doc[0]
-        block.find_mmcif_category("_atom_site.").loop.add_columns(["_atom_site.scat_id"], "?")
-        elements = set()
-        for row in block.find("_atom_site.", ["type_symbol", "scat_id"]):
-            z = gemmi.Element(row[0]).atomic_number
-            row[1] = str(z)
-            elements.add(z)
-        coef = block.init_loop("_lmb_scat_coef.",
-                               ["scat_id"] + [f"coef_{k}{i}" for k in "ab" for i in range(1, 6)])
-        for z in sorted(elements):
-            c = gemmi.Element(z).c4322
-            coef.add_row([str(z)] + [repr(float(x)) for x in list(c.a) + list(c.b)])
-        doc.write_file(str(cif_out))
+        write_custom_sf_cif(st, cif_out)
 
     truth = model.atoms
     _, b = _noisy_start(truth)

@@ -31,6 +31,18 @@ from ._restraints import Restraints, RestraintWeights, _dihedral
 __all__ = ["build_restraints"]
 
 
+def _padded(rows) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of atom indices of different lengths as `(index, mask)` arrays `(len(rows), longest)`,
+    padded with index 0 and mask False."""
+    width = max((len(r) for r in rows), default=1)
+    index = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for k, r in enumerate(rows):
+        index[k, : len(r)] = r
+        mask[k, : len(r)] = True
+    return index, mask
+
+
 def _resolve(tuples, residues, n_atoms_altloc):
     """All atom-index tuples for named atoms `[(residue slot, name), ...]`, one per consistent
     combination of alternate conformers (altlocs: blank or all the same)."""
@@ -212,12 +224,7 @@ def build_restraints(
         for idx in res.values():
             if len(idx) > 1 and all(altloc[i] for i in idx):
                 groups.append(idx)
-    gk = max((len(g) for g in groups), default=1)
-    alt_index = np.zeros((len(groups), gk), np.int32)
-    alt_mask = np.zeros((len(groups), gk), bool)
-    for r, g in enumerate(groups):
-        alt_index[r, : len(g)] = g
-        alt_mask[r, : len(g)] = True
+    alt_index, alt_mask = _padded(groups)
 
     def arr(store, width):
         keys = list(store)
@@ -227,12 +234,7 @@ def build_restraints(
     ai, av = arr(angles, 3)
     ci, cv = arr(chirals, 4)
     ti, tv = arr(torsions, 4)
-    pk = max((len(p) for p in planes), default=1)
-    pi = np.zeros((len(planes), pk), np.int32)
-    pm = np.zeros((len(planes), pk), bool)
-    for r, p in enumerate(planes):
-        pi[r, : len(p)] = p
-        pm[r, : len(p)] = True
+    pi, pm = _padded(list(planes))
     ps = np.asarray(list(planes.values()), np.float64)
 
     elements = [str(e).upper() for e in labels.element]
