@@ -393,3 +393,17 @@ def test_refine_with_the_q_loss_raises_q():
 
     dm = mm.DensityMap(target, grid)
     assert q_score(dm, r.model).mean() > q_score(dm, start).mean()
+
+
+def test_b_refinement_runs_on_low_b_models(shared_data):
+    """B from 3.6 Å² (3AJO in EMD-20026 at 1.75 Å) refines with the defaults: no planning margin
+    stops it (it used to: "every Gaussian needs b_k + B + B_x > 0"), and B stays within b_bounds."""
+    model = mm.read_model(shared_data / "emd20026_apoferritin" / "3ajo_fitted_refined.pdb")
+    density = mm.read_map(shared_data / "emd20026_apoferritin" / "emd20026_prot.mrc.gz")
+    b0 = np.asarray(model.atoms.b_factors)
+    assert b0.min() < 4.0
+    r = refine(model, density, 1.75, parameters=("b",), max_steps=20, progress=False)
+    b = np.asarray(r.atoms.b_factors)
+    assert r.result in ("converged", "max_steps") and np.all(np.isfinite(b))
+    assert b.min() >= 1.0 - 1e-4 and b.max() <= 500.0
+    assert r.history["map_loss"][-1] < r.history["map_loss"][0]

@@ -10,6 +10,8 @@ the list was built (a Verlet list), and the host rebuilds it (`Restraints.with_n
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 __all__ = ["NONBONDED_SCALE", "NONBONDED_SCALE_14", "NONBONDED_SIGMA", "VDW_RADII", "exclusions", "nonbonded_pairs"]
@@ -18,7 +20,8 @@ NONBONDED_SCALE = 0.8  # r0 = scale × (R_i + R_j)
 NONBONDED_SCALE_14 = 0.7
 # Å: σ of the harmonic repulsion ((r0 − d)/σ)² below r0. Refmac and servalcat use 0.2 Å with riding
 # hydrogens, which carry much of their repulsion; without hydrogens 0.2 Å left 30 heavy-atom contacts
-# under 2.2 Å on 7CEC chain A against EMD-30342 (servalcat: 11), 0.1 Å left 2 (bench_refine.py, real)
+# under 2.2 Å on 7CEC chain A against EMD-30342 (servalcat: 11), 0.1 Å left 2 (weight_scale 0.3;
+# bench_refine.py, real)
 NONBONDED_SIGMA = 0.1
 
 # Bondi (1964), J. Phys. Chem. 68, 441: van der Waals radii in Å
@@ -26,8 +29,16 @@ VDW_RADII = {"H": 1.20, "D": 1.20, "C": 1.70, "N": 1.55, "O": 1.52, "S": 1.80, "
               "SE": 1.90, "F": 1.47, "CL": 1.75, "BR": 1.85, "I": 1.98}
 
 
-def exclusions(bond_index: np.ndarray, n: int) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
-    """(1-2 and 1-3 pairs, 1-4 pairs) of the bond graph, as (i < j) tuples."""
+def exclusions(bond_index: np.ndarray, n: int) -> tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]]]:
+    """(1-2 and 1-3 pairs, 1-4 pairs) of the bond graph, as (i < j) tuples (cached: a refinement
+    rebuilds its contact list many times over one bond graph)."""
+    bond_index = np.ascontiguousarray(bond_index, np.int64).reshape(-1, 2)
+    return _exclusions(bond_index.tobytes(), n)
+
+
+@functools.lru_cache(maxsize=8)
+def _exclusions(bonds: bytes, n: int) -> tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]]]:
+    bond_index = np.frombuffer(bonds, np.int64).reshape(-1, 2)
     nbrs: list[set[int]] = [set() for _ in range(n)]
     for i, j in bond_index:
         nbrs[i].add(int(j))
@@ -47,7 +58,7 @@ def exclusions(bond_index: np.ndarray, n: int) -> tuple[set[tuple[int, int]], se
                         p = (min(i, m), max(i, m))
                         if p not in excl:
                             one_four.add(p)
-    return excl, one_four
+    return frozenset(excl), frozenset(one_four)
 
 
 def nonbonded_pairs(pos, radius, altloc, bond_index, buffer: float) -> tuple[np.ndarray, np.ndarray]:

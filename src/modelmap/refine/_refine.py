@@ -11,7 +11,7 @@ run is one compiled call with no host round-trip per step. Between runs, on the 
 - **contacts**: a run stops as soon as any atom has moved by more than half the non-bonded list's
   buffer since the list was built; the list is rebuilt and the run goes on (a Verlet list);
 - **render plans**: each run's model map holds every atom's B up to `B + max(b_window, B)`;
-  an atom that reaches that ceiling is re-planned around its new B. B is bounded only by the
+  an atom that reaches that ceiling is re-planned around its new B (`max(b_window, B/2)` above it). B is bounded only by the
   physical `b_bounds` (1-500 Å² by default).
 
 Each run starts from the model its predecessor ended with (the parameters are folded into the
@@ -417,7 +417,6 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
         pr.weight = w
         pr.args = eqx.tree_at(lambda a: a.weight, pr.args, jnp.asarray(w, jnp.float32))
 
-    replans = 0
     cycle = 0
     extra_cycles = 0
     first = True
@@ -475,9 +474,10 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                         # one plan for the batch: re-plan every member's map like the widest
                         statics = _common_static(problems, statics, cfg)
                     _same_capacity(problems)
-                if not (stopped and replans < cfg.max_replans and any(x > 0 for x in left)):
+                # a run stopped for a stale contact list goes on from the rebuilt list (each such run
+                # takes at least one step: the list is fresh at its start), until its steps are used
+                if not (stopped and any(x > 0 for x in left)):
                     break
-                replans += 1
             # ---- end of a macro-cycle: the geometry and the weight ------------------------------
             for pr, st in zip(problems, statics):
                 if pr.done or not st.restrain_xyz or pr.restraints is None:
