@@ -47,6 +47,14 @@ def _x64_when_marked(request):
         jax.config.update("jax_enable_x64", previous)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drop JAX's compiled functions after each test module: a whole run otherwise keeps every
+    executable of the suite alive (gigabytes), and XLA once aborted compiling late in a run."""
+    yield
+    jax.clear_caches()
+
+
 def _find_shared_data() -> Path | None:
     candidates = []
     if os.environ.get("MODELMAP_TEST_DATA"):

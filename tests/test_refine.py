@@ -395,6 +395,7 @@ def test_refine_with_the_q_loss_raises_q():
     assert q_score(dm, r.model).mean() > q_score(dm, start).mean()
 
 
+@pytest.mark.slow
 def test_b_refinement_runs_on_low_b_models(shared_data):
     """B from 3.6 Å² (3AJO in EMD-20026 at 1.75 Å) refines with the defaults: no planning margin
     stops it (it used to: "every Gaussian needs b_k + B + B_x > 0"), and B stays within b_bounds."""

@@ -95,6 +95,7 @@ def test_vmapped_lbfgs_equals_separate_runs():
         np.testing.assert_allclose(np.asarray(batch.y["x"][i]), np.asarray(one.y["x"]), atol=1e-4)
 
 
+@pytest.mark.slow  # about a minute on two cores
 def test_refine_batch_of_perturbed_crambins_equals_separate_refinements(shared_data):
     import modelmap as mm
     from modelmap import Atoms, Grid, IndependentAtomVolume, NufftRenderFn
@@ -117,3 +118,25 @@ def test_refine_batch_of_perturbed_crambins_equals_separate_refinements(shared_d
         shift = np.linalg.norm(p_alone - np.asarray(start.atoms.positions))
         assert np.linalg.norm(p_batch - p_alone) <= 1e-3 * shift
         assert rb.n_steps == alone.n_steps
+
+
+def test_refine_batch_of_perturbed_helices_equals_separate_refinements():
+    """The fast version of the crambin test above (a 5-residue helix, few steps)."""
+    from tests.test_refine import _helix, _target
+
+    from modelmap import Atoms
+    from modelmap.refine import refine, refine_batch
+
+    model = _helix("AAGAA")
+    grid, target = _target(model)
+    truth = model.atoms
+    rng = np.random.default_rng(1)
+    starts = [model.replace(atoms=Atoms(np.asarray(truth.positions) + rng.normal(0, 0.2, truth.positions.shape),
+                                        truth.atomic_numbers, truth.b_factors, truth.occupancies)) for _ in range(3)]
+    opts = dict(parameters=("xyz",), max_steps=12, macro_cycles=1)
+    batch = refine_batch(starts, [target] * 3, 3.0, grid=grid, **opts)
+    for start, rb in zip(starts, batch):
+        alone = refine(start, target, 3.0, grid=grid, progress=False, **opts)
+        p_alone, p_batch = np.asarray(alone.atoms.positions), np.asarray(rb.atoms.positions)
+        shift = np.linalg.norm(p_alone - np.asarray(start.atoms.positions))
+        assert np.linalg.norm(p_batch - p_alone) <= 1e-3 * shift and rb.n_steps == alone.n_steps
