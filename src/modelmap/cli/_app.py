@@ -434,7 +434,7 @@ def refine(
                             ("angle_rmsd", "angles (°)", "{:9.2f}"), ("clashes", "clashes", "{:9d}")):
         typer.echo(f"  {label:12} {fmt.format(b[key])} {fmt.format(a[key])}")
     g = r["geometry"]
-    typer.echo(f"  (clashes: heavy-atom contacts under 2.2 Å, not bonded or 1-3)")
+    typer.echo("  (clashes: heavy-atom contacts under 2.2 Å, not bonded or 1-3)")
     typer.echo(f"  atoms moved {g['mean_shift']:.2f} Å on average (at most {g['max_shift']:.2f} Å); "
                f"{g['atoms_moved_over_3']} atoms and {len(g.get('backbone_moved_over_3', []))} backbone atoms moved > 3 Å")
     for line in g.get("backbone_moved_over_3", [])[:10]:

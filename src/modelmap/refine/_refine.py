@@ -412,7 +412,6 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                 w = hg / hm if hm > 0 and hg > 0 else 1.0
             if cycle > 0:  # never raised: a fit that converges shrinks the map's gradient, not its noise
                 w = min(w, pr.weight / 3.0 if pr.loose else pr.weight)
-            if cycle > 0:
                 pr.events.append(f"cycle {cycle}: map weight {w:.4g}")
         pr.weight = w
         pr.args = eqx.tree_at(lambda a: a.weight, pr.args, jnp.asarray(w, jnp.float32))
