@@ -481,8 +481,8 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
             for pr, st in zip(problems, statics):
                 if pr.done or not st.restrain_xyz or pr.restraints is None:
                     continue
-                bond = float(pr.restraints.bond_rmsd(pr.args.positions))
-                angle = float(pr.restraints.angle_rmsd(pr.args.positions))
+                # the last accepted point's rmsds, recorded by the compiled run (the model now)
+                bond, angle = pr.history[-1]["bond_rmsd"], pr.history[-1]["angle_rmsd"]
                 pr.loose = bond > cfg.max_bond_rmsd or angle > cfg.max_angle_rmsd
                 if pr.loose:
                     pr.events.append(f"cycle {cycle}: bond rmsd {bond:.4f} Å, angle rmsd {angle:.2f}°: loose")
