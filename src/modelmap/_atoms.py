@@ -130,33 +130,40 @@ class Ensemble(eqx.Module):
         )
 
 
-def validate_atoms(atoms: Atoms, what: str = "atoms") -> Atoms:
+def validate_atoms(atoms: Atoms, what: str = "atoms", labels: "AtomLabels | None" = None) -> Atoms:
     """Check concrete atom values and raise `InvalidAtomsError` naming the first problem.
 
     Checks: positions finite, B finite, occupancy finite and >= 0, atomic numbers in 1..98.
+    With `labels` the atom is named by its label (`A/GLU 12/CA`), else by its index.
     """
     pos = np.asarray(atoms.positions)
-    if pos.shape[-2] == 0:
+    n = pos.shape[-2]
+    if n == 0:
         raise InvalidAtomsError(f"{what}: there are no atoms")
+
+    def first(bad) -> tuple[int, str]:
+        """The flat index of the first bad value and its atom's name."""
+        k = int(np.flatnonzero(np.asarray(bad).reshape(-1))[0])
+        i = k % n
+        return k, (f"atom {labels.atom_id(i)}" if labels is not None and len(labels) == n else f"atom {i}")
+
     bad = ~np.all(np.isfinite(pos), axis=-1)
     if bad.any():
-        i = int(np.flatnonzero(bad.reshape(-1))[0]) % pos.shape[-2]
         raise InvalidAtomsError(
-            f"{what}: {int(bad.sum())} atom(s) have NaN or infinite coordinates (first: atom {i})"
+            f"{what}: {int(bad.sum())} atom(s) have NaN or infinite coordinates (first: {first(bad)[1]})"
         )
     for name, values in (("B-factor", atoms.b_factors), ("occupancy", atoms.occupancies)):
         v = np.asarray(values)
         if not np.all(np.isfinite(v)):
-            i = int(np.flatnonzero(~np.isfinite(v.reshape(-1)))[0]) % pos.shape[-2]
-            raise InvalidAtomsError(f"{what}: atom {i} has a NaN or infinite {name}")
+            raise InvalidAtomsError(f"{what}: {first(~np.isfinite(v))[1]} has a NaN or infinite {name}")
     occ = np.asarray(atoms.occupancies)
     if (occ < 0).any():
-        i = int(np.flatnonzero(occ.reshape(-1) < 0)[0]) % pos.shape[-2]
-        raise InvalidAtomsError(f"{what}: atom {i} has a negative occupancy ({occ.reshape(-1)[i]})")
+        i, atom = first(occ < 0)
+        raise InvalidAtomsError(f"{what}: {atom} has a negative occupancy ({occ.reshape(-1)[i]})")
     z = np.asarray(atoms.atomic_numbers)
     if ((z < 1) | (z > 98)).any():
-        i = int(np.flatnonzero(((z < 1) | (z > 98)).reshape(-1))[0]) % pos.shape[-2]
-        raise InvalidAtomsError(f"{what}: atom {i} has atomic number {z.reshape(-1)[i]}, not 1..98")
+        i, atom = first((z < 1) | (z > 98))
+        raise InvalidAtomsError(f"{what}: {atom} has atomic number {z.reshape(-1)[i]}, not 1..98")
     return atoms
 
 

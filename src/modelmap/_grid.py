@@ -86,6 +86,13 @@ def _triple(value, name: str) -> tuple[float, float, float]:
     return tuple(float(v) for v in arr)  # type: ignore[return-value]
 
 
+def _voxel_triple(value) -> tuple[float, float, float]:
+    voxel = _triple(value, "voxel_size")
+    if min(voxel) <= 0:
+        raise ValueError(f"voxel_size must be positive, got {voxel}")
+    return voxel
+
+
 class Grid(eqx.Module):
     """A regular, axis-aligned grid of points.
 
@@ -107,9 +114,7 @@ class Grid(eqx.Module):
         shape = tuple(int(n) for n in shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"a grid needs three positive sizes (nz, ny, nx), got {shape}")
-        voxel = _triple(voxel_size, "voxel_size")
-        if min(voxel) <= 0:
-            raise ValueError(f"voxel_size must be positive, got {voxel}")
+        voxel = _voxel_triple(voxel_size)
         self.shape = shape  # type: ignore[assignment]
         self.voxel_size = voxel
         self.origin = _triple(origin, "origin")
@@ -140,7 +145,9 @@ class Grid(eqx.Module):
             raise ValueError("cannot build a grid around zero positions")
         if not np.all(np.isfinite(pos)):
             raise ValueError("cannot build a grid around NaN or infinite positions")
-        voxel = np.asarray(_triple(voxel_size, "voxel_size"))
+        voxel = np.asarray(_voxel_triple(voxel_size))
+        if not (np.isfinite(padding) and padding >= 0):
+            raise ValueError(f"padding must be a finite number of Å, 0 or more, got {padding}")
         lo = np.floor((pos.min(0) - padding) / voxel) * voxel
         hi = pos.max(0) + padding
         n_xyz = np.floor((hi - lo) / voxel + 1e-9).astype(int) + 1
@@ -186,6 +193,19 @@ class Grid(eqx.Module):
     def to_position(self, index: Float[Array, "... 3"]) -> Float[Array, "... 3"]:
         """Positions in Å of fractional voxel indices `(i, j, k)` (x, y, z order)."""
         return np.asarray(self.origin) + index * np.asarray(self.voxel_size)
+
+    def contains(self, positions: ArrayLike) -> np.ndarray:
+        """Whether each position lies inside the grid's box (from grid point 0 to the last one).
+
+        **Arguments:**
+
+        - `positions`: `(..., 3)` positions in Å.
+
+        **Returns:** a boolean array of shape `(...)`.
+        """
+        index = np.asarray(self.to_index(np.asarray(positions, np.float64)))
+        upper = np.asarray(self.shape[::-1]) - 1
+        return np.all((index >= 0) & (index <= upper), axis=-1)
 
     def same_as(self, other: "Grid") -> bool:
         """Whether `other` places the same points: the same shape, voxel sizes equal to 1e-6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ def atomic_path(path: str | os.PathLike, *, protect: tuple[str | os.PathLike, ..
 
     On any exception the temporary file is removed and `path` is left as it was. `protect` lists
     input files that must never be overwritten: writing onto one of them raises `ValueError`.
+    The file gets the mode a plain `open(path, "w")` would give it: an existing file's mode, else
+    `0o666 & ~umask` (the temporary file is created private, 0600, and must not stay so).
     """
     path = Path(path)
     for p in protect:
@@ -27,8 +30,20 @@ def atomic_path(path: str | os.PathLike, *, protect: tuple[str | os.PathLike, ..
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _mode_for(path))
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a new file at `path` gets from `open`: the existing file's, else
+    0o666 without the process's umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -191,6 +191,24 @@ def read_map(path: str | os.PathLike, *, dtype=jnp.float32) -> DensityMap:
     return DensityMap(jnp.asarray(data, dtype), grid)
 
 
+MAP_SUFFIXES = (".mrc", ".map", ".ccp4")
+
+
+def check_map_path(path: str | os.PathLike) -> Path:
+    """Refuse a map file name that does not end in `.mrc`, `.map` or `.ccp4` (optionally followed
+    by `.gz`): `write_map` writes MRC, and a `.txt` or `.pdb` holding one misleads every reader.
+
+    **Returns:** the path.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    if not name.endswith(MAP_SUFFIXES) or name in MAP_SUFFIXES:
+        raise ValueError(f"{path}: a map file name ends in {', '.join(MAP_SUFFIXES)} (optionally + .gz); "
+                         "the map is written as MRC")
+    return path
+
+
 def _is_whole_voxels(origin: np.ndarray, voxel: np.ndarray) -> tuple[bool, np.ndarray]:
     n = origin / voxel
     nearest = np.round(n)
@@ -209,7 +227,7 @@ def write_map(
 
     **Arguments:**
 
-    - `path`: output file.
+    - `path`: output file: `.mrc`, `.map` or `.ccp4`, optionally + `.gz`.
     - `density`: a `DensityMap`, or an array `(nz, ny, nx)` together with `grid`.
     - `overwrite`: whether an existing file at `path` may be replaced.
     - `protect`: input files that must never be overwritten.
@@ -219,7 +237,7 @@ def write_map(
     The origin goes into NSTART when it is a whole number of voxels (placed alike by ChimeraX,
     gemmi, cctbx and mrcfile users), else into the ORIGIN field.
     """
-    path = Path(path)
+    path = check_map_path(path)
     data, grid = map_array(density, grid, what=f"the map to write to {path}", dtype=np.float32)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -228,7 +246,7 @@ def write_map(
     whole, nstart = _is_whole_voxels(origin, voxel)
     if not whole:
         warnings.warn(
-            f"{path}: the origin {tuple(origin)} is not a whole number of voxels, so it goes into the "
+            f"{path}: the origin {tuple(round(float(o), 4) for o in origin)} Å is not a whole number of voxels, so it goes into the "
             "MRC ORIGIN field; ChimeraX and mrcfile place it right, gemmi's reader ignores that field",
             stacklevel=2,
         )

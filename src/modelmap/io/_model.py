@@ -139,7 +139,7 @@ def model_from_structure(
         zz = np.broadcast_to(z, b.shape)
     atoms = Atoms(jnp.asarray(pos, dtype), zz, jnp.asarray(b, dtype), jnp.asarray(occ, dtype))
     validate_atoms(
-        Atoms(pos, zz, b, occ), what
+        Atoms(pos, zz, b, occ), what, labels
     )  # on float64 numpy copies, so the message does not depend on dtype
     return AtomicModel(atoms, labels, structure, path, tuple(model_ids))
 
@@ -198,6 +198,17 @@ def _source_cif_document(model: AtomicModel):
         return None
 
 
+def check_model_path(path: str | os.PathLike) -> Path:
+    """Refuse a model file name `write_model` cannot write (it writes .pdb, .ent, .cif, .mmcif).
+
+    **Returns:** the path.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".pdb", ".ent", ".cif", ".mmcif"):
+        raise ValueError(f"{path}: choose a .pdb or .cif output file name")
+    return path
+
+
 def write_model(path: str | os.PathLike, model: AtomicModel) -> Path:
     """Write `model` to PDB or mmCIF (by the suffix; `.gz` is not written), atomically.
 
@@ -207,15 +218,13 @@ def write_model(path: str | os.PathLike, model: AtomicModel) -> Path:
 
     **Returns:** the path written.
     """
-    path = Path(path)
+    path = check_model_path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".pdb", ".ent", ".cif", ".mmcif"):
-        raise ValueError(f"{path}: choose a .pdb or .cif output file name")
     atoms = model.atoms
     pos = np.asarray(atoms.positions, np.float64)
     b = np.asarray(atoms.b_factors, np.float64)
     occ = np.asarray(atoms.occupancies, np.float64)
-    validate_atoms(Atoms(pos, np.asarray(atoms.atomic_numbers), b, occ), f"writing {path}")
+    validate_atoms(Atoms(pos, np.asarray(atoms.atomic_numbers), b, occ), f"writing {path}", model.labels)
     if pos.ndim == 2:
         pos, b, occ = pos[None], b[None], occ[None]
     if pos.shape[0] != len(model.model_indices):

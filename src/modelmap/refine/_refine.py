@@ -136,7 +136,7 @@ def _as_inputs(model, target, grid):
             raise ValueError("refine one model at a time, not an ensemble (refine_batch refines several)")
     else:
         raise TypeError(f"model must be an AtomicModel or Atoms, got {type(model).__name__}")
-    validate_atoms(atoms, "the model to refine")
+    validate_atoms(atoms, "the model to refine", labels)
     data, grid = map_array(target, grid, what="the target map", dtype=np.float32)
     return atoms, labels, jnp.asarray(data), grid
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 
@@ -33,6 +34,8 @@ class ScoreReport:
       than 0.6 or 0.4 Å, which MapQ has no fit for).
     - `fsc_s`, `fsc_values`: map vs model-map FSC inside the model mask (model map to the grid's
       Nyquist frequency), and `fsc_05` / `fsc_0143` the resolutions (Å) where it crosses 0.5 / 0.143.
+    - `fraction_inside`: per chain, the fraction of its atoms inside the map's box (the scores
+      see only those).
     """
 
     resolution: float
@@ -44,6 +47,7 @@ class ScoreReport:
     fsc_values: np.ndarray
     fsc_05: float
     fsc_0143: float
+    fraction_inside: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         """The headline numbers as a flat dict (JSON-ready)."""
@@ -87,7 +91,8 @@ class ScoreReport:
             for i in range(len(labels))
         ]
         q_chain = self.q.per_chain()
-        chains = [{"chain": c, "cc": _num(self.local.chains.get(c, math.nan)), "q": _num(q_chain.get(c, math.nan))}
+        chains = [{"chain": c, "cc": _num(self.local.chains.get(c, math.nan)), "q": _num(q_chain.get(c, math.nan)),
+                   "fraction_inside": _num(self.fraction_inside.get(c, math.nan))}
                   for c in dict.fromkeys(list(self.local.chains) + list(q_chain))]
         fsc_curve = [{"s": float(s), "fsc": float(f)} for s, f in zip(self.fsc_s, self.fsc_values)]
         return {"summary": {k: _num(v) for k, v in self.summary().items()}, "chains": chains,
@@ -134,10 +139,12 @@ def score_model(
 
     if not (isinstance(resolution, (int, float)) and math.isfinite(resolution) and resolution > 0):
         raise ValueError(f"the resolution must be a positive number of Å, got {resolution!r}")
-    atoms = validate_atoms(model.atoms, str(model.path) if getattr(model, "path", None) else "model")
+    atoms = validate_atoms(model.atoms, str(model.path) if getattr(model, "path", None) else "model",
+                           getattr(model, "labels", None))
     if atoms.is_ensemble:
         raise ValueError("score one model at a time (this file has several models)")
     grid = density_map.grid
+    inside = fraction_inside(grid, atoms.positions, model.labels.chain)
     model_map = np.asarray(render_model(atoms, grid, resolution, method="fourier", sampling="point", table=table))
     mask = model_mask(atoms, grid)
     cc = map_model_cc(density_map, model, resolution, model_map=model_map, mask=mask)
@@ -151,4 +158,35 @@ def score_model(
     return ScoreReport(
         resolution=float(resolution), cc=cc, local=local, q=q, expected_q=expected,
         fsc_s=s, fsc_values=f, fsc_05=fsc_resolution(s, f, 0.5), fsc_0143=fsc_resolution(s, f, 0.143),
+        fraction_inside=inside,
     )
+
+
+# below this fraction of a chain's atoms inside the map's box, its scores describe a fragment
+_INSIDE_WARNING = 0.9
+
+
+def fraction_inside(grid, positions, chains) -> dict[str, float]:
+    """The fraction of each chain's atoms inside `grid`'s box.
+
+    Warns (one warning naming every chain's fraction) when a chain has under 90 % of its atoms
+    inside: the scores see only the atoms inside, e.g. a whole model scored against a crop around
+    one of its chains.
+
+    **Arguments:**
+
+    - `grid`: the map's `Grid`.
+    - `positions`: `(n, 3)` atom positions in Å.
+    - `chains`: `(n,)` chain names.
+
+    **Returns:** chain name → fraction of its atoms inside, in the chains' order.
+    """
+    inside = grid.contains(positions)
+    chains = np.asarray(chains)
+    per_chain = {str(c): float(inside[chains == c].mean()) for c in dict.fromkeys(chains.tolist())}
+    if min(per_chain.values()) < _INSIDE_WARNING:
+        listed = ", ".join(f"{c} {100 * f:.0f} %" for c, f in per_chain.items())
+        warnings.warn(
+            f"only {int(inside.sum())} of {inside.size} atoms ({100 * inside.mean():.0f} %) lie inside the map's "
+            f"box, so the scores describe only those; inside per chain: {listed}", stacklevel=3)
+    return per_chain
