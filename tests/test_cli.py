@@ -7,22 +7,6 @@ from modelmap.cli import app
 runner = CliRunner()
 
 
-def test_demo_writes_model_map_and_script(tmp_path):
-    out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "wrote" in result.output
-    model = mm.read_model(out / "helix.pdb")
-    assert model.n_atoms == 59  # 12 residues: 11 Ala x 5 atoms + 1 Gly x 4 atoms
-    density = mm.read_map(out / "helix_model_map.mrc")
-    # the map integrates to the model's total f(0): electron ITC 4.3.2.2 factors, exact averages
-    f0 = float(np.sum(np.asarray(mm.get_table("electron").f0(model.atoms.atomic_numbers))))
-    total = float(np.sum(np.asarray(density.data, np.float64))) * density.grid.voxel_volume
-    assert abs(total - f0) < 1e-4 * f0
-    script = (out / "helix_model_map.cxc").read_text()
-    assert 'open "helix.pdb"' in script and 'open "helix_model_map.mrc"' in script and "level" in script
-
-
 def test_render_like_a_map_uses_its_grid(shared_data, tmp_path):
     like = shared_data / "emd2566_3j6b_chain9" / "2566_3J6B_9.mrc"
     model = shared_data / "emd2566_3j6b_chain9" / "3J6B_9.pdb"

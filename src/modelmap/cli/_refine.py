@@ -32,6 +32,14 @@ def before_after(density, model, resolution: float, restraints) -> dict:
     }
 
 
+def attribute_paths(output: Path) -> tuple[Path, Path]:
+    """The ChimeraX attribute files written beside a refined model: shifts and resolutions."""
+    from ._app import model_stem
+
+    stem = model_stem(Path(output))
+    return Path(output).with_name(stem + "_shift.defattr"), Path(output).with_name(stem + "_resolution.defattr")
+
+
 def refine_to_files(
     map_path: Path,
     model_path: Path,
@@ -63,13 +71,16 @@ def refine_to_files(
     """
     from .. import io
     from ..io._atomic_write import atomic_path
+    from ..io._model import check_model_path
     from ..refine import RefineConfig, build_restraints, refine
-    from ._app import model_stem
+    from ._app import check_outputs
 
     inputs = (map_path, model_path)
-    for out in (output, json_out, cxc_out):
-        if out is not None and any(Path(out).resolve() == Path(p).resolve() for p in inputs):
-            raise FileExistsError(f"refusing to overwrite the input file {out}")
+    shift_path, res_path = attribute_paths(output)
+    check_outputs(inputs, {"the refined model (-o)": output, "--json": json_out, "--cxc": cxc_out,
+                           "the shift attribute file": shift_path,
+                           "the resolution attribute file": res_path if "res" in parameters else None})
+    check_model_path(output)
     density = io.read_map(map_path)
     model = io.read_model(model_path)
     if model.is_ensemble:
@@ -85,12 +96,9 @@ def refine_to_files(
     written = {"model": str(io.write_model(output, refined))}
     shift = np.linalg.norm(np.asarray(refined.atoms.positions, np.float64) - np.asarray(model.atoms.positions, np.float64),
                            axis=-1)
-    stem = model_stem(output)
-    shift_path = output.with_name(stem + "_shift.defattr")
     io.write_attribute_file(shift_path, refined.labels, shift, "shift")
     written["shift_attributes"] = str(shift_path)
     if result.resolution is not None:
-        res_path = output.with_name(stem + "_resolution.defattr")
         io.write_attribute_file(res_path, refined.labels, result.resolution, "resolution")
         written["resolution_attributes"] = str(res_path)
     h = result.history
