@@ -288,6 +288,7 @@ def score_to_files(
     q_variant: str = "mapq",
     mapq_multiprocess: bool = False,
     table: str = "electron",
+    progress: bool = False,
 ):
     """Score a model against a map; write the JSON report and the ChimeraX script if asked.
 
@@ -302,7 +303,7 @@ def score_to_files(
     density = io.read_map(map_path)
     model = io.read_model(model_path)
     report = score_model(density, model, resolution, sigma=sigma, q_variant=q_variant,
-                         mapq_multiprocess=mapq_multiprocess, table=table)
+                         mapq_multiprocess=mapq_multiprocess, table=table, progress=progress)
     inputs = (map_path, model_path)
     if json_out is not None:
         payload = {"map": str(map_path), "model": str(model_path), **report.to_json()}
@@ -337,6 +338,8 @@ def score(
     mapq_multiprocess: Annotated[bool, typer.Option("--mapq-multiprocess", help="Score Q on the map as MapQ's multi-process mode re-grids it "
                                                     "(to reproduce values published from such runs).")] = False,
     table: Annotated[Table, typer.Option("--table", help="Scattering factors of the model map.")] = Table.electron,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr when "
+                                           "scoring takes more than a second.")] = True,
 ) -> None:
     """Score MODEL against MAP: CC_mask, CC_box, CC_volume, CC_peaks, local CC, Q-score and FSC."""
     from .._errors import ModelmapError
@@ -344,7 +347,8 @@ def score(
     t0 = time.perf_counter()
     try:
         r = score_to_files(map, model, resolution, json_out=json_out, cxc_out=cxc_out, sigma=sigma,
-                           q_variant=q_variant.value, mapq_multiprocess=mapq_multiprocess, table=table.value)
+                           q_variant=q_variant.value, mapq_multiprocess=mapq_multiprocess, table=table.value,
+                           progress=progress)
     except (ModelmapError, FileExistsError, ValueError, ImportError) as err:
         _fail(str(err))
     s = r.summary()
