@@ -416,7 +416,8 @@ def refine(
     monomer_library: Annotated[Optional[Path], typer.Option("--monomer-library", help="A CCP4 monomer library folder "
                                                             "for the restraints (e.g. $CLIBD_MON); default: the PDB's CCD.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the before/after report and the per-step history as JSON.")] = None,
-    cxc_out: Annotated[Optional[Path], typer.Option("--cxc", help="Write a ChimeraX script: map, refined model coloured by shift, start model in gray.")] = None,
+    cxc_out: Annotated[Optional[Path], typer.Option("--cxc", help="The ChimeraX script (map, refined model coloured by shift, "
+                                                    "start model in gray); default: beside the refined model, OUTPUT stem + .cxc.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     plot: Annotated[Optional[Path], typer.Option("--plot", metavar="PREFIX", help="Write a PNG named PREFIX plus _refine.png: "
                                                  "objective, map loss, bond and angle rmsd (with their limits) and map "
@@ -441,7 +442,7 @@ def refine(
                             map_weight=map_weight, occupancy_groups=occ_groups.value,
                             resolution_groups=res_groups.value,
                             resolutions=None if res_scan or "res" not in names else resolution, json_out=json_out,
-                            cxc_out=cxc_out, progress=progress, plot=plot)
+                            cxc_out=cxc_out or output.with_name(model_stem(output) + ".cxc"), progress=progress, plot=plot)
     except (ModelmapError, FileExistsError, ValueError, ImportError, TypeError) as err:
         _fail(str(err))
     b, a = r["before"], r["after"]

@@ -124,6 +124,7 @@ def refine_to_files(
             f'open "{shift_path.name}"',
             "color byattribute a:shift #1 palette 0,white:0.5,orange:1.5,red noValueColor gray",
             "key white:0 orange:0.5 red:1.5 pos 0.85,0.1 size 0.03,0.3",
+            "# or by the refined B: color bfactor #1 palette blue:white:red",
         ]
         if result.resolution is not None:
             extra.append(f'open "{Path(written["resolution_attributes"]).name}"')
