@@ -107,6 +107,8 @@ def residue_figure(report):
     **Returns:** a `Figure` with one axes per chain, each with a Q line, a CC line and (when MapQ
     has a fit for the σ) the expected-Q line.
     """
+    from matplotlib.ticker import MaxNLocator
+
     data = _score_json(report)
     summary = data["summary"]
     expected = _value(summary.get("q_expected"))
@@ -123,6 +125,7 @@ def residue_figure(report):
         ax.set_ylim(min(0.0, finite.min()) - 0.05, 1.02)
         ax.set_title(f"chain {chain} ({int(np.isfinite(c['number']).sum())} residues)", fontsize=9, loc="left")
         ax.set_ylabel("Q, CC")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=3, frameon=False,
                   borderaxespad=0.1)
