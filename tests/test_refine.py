@@ -357,7 +357,7 @@ def test_refine_command_writes_the_model_and_reports(tmp_path):
     out = tmp_path / "refined.cif"
     res = CliRunner().invoke(app, ["refine", str(map_path), str(model_path), "-d", "3", "-o", str(out),
                                    "--refine", "xyz,b", "--steps", "60", "--json", str(tmp_path / "r.json"),
-                                   "--cxc", str(tmp_path / "r.cxc"), "--no-progress"])
+                                   "--plot", str(tmp_path / "r"), "--no-progress"])
     assert res.exit_code == 0, res.output
     import json
 
@@ -368,7 +368,8 @@ def test_refine_command_writes_the_model_and_reports(tmp_path):
     refined = mm.read_model(out)
     assert _rmsd(refined.atoms.positions, a.positions) < _rmsd(start.atoms.positions, a.positions) / 2
     assert "CC_mask" in res.output and (tmp_path / "refined_shift.defattr").exists()
-    assert 'open "refined_shift.defattr"' in (tmp_path / "r.cxc").read_text()
+    assert 'open "refined_shift.defattr"' in (tmp_path / "refined.cxc").read_text()  # the default .cxc
+    assert (tmp_path / "r_refine.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # inputs are never overwritten; bad parameter names are an error
     res = CliRunner().invoke(app, ["refine", str(map_path), str(model_path), "-d", "3", "-o", str(model_path)])
     assert res.exit_code == 2 and "overwrite" in res.output

@@ -389,6 +389,7 @@ def score_to_files(
     q_variant: str = "mapq",
     mapq_multiprocess: bool = False,
     table: str = "electron",
+    progress: bool = False,
 ):
     """Score a model against a map; write the JSON report and the ChimeraX script if asked.
 
@@ -406,7 +407,7 @@ def score_to_files(
     density = io.read_map(map_path)
     model = io.read_model(model_path)
     report = score_model(density, model, resolution, sigma=sigma, q_variant=q_variant,
-                         mapq_multiprocess=mapq_multiprocess, table=table)
+                         mapq_multiprocess=mapq_multiprocess, table=table, progress=progress)
     if json_out is not None:
         payload = {"map": str(map_path), "model": str(model_path), **report.to_json()}
         with atomic_path(json_out, protect=inputs) as tmp:
@@ -435,6 +436,12 @@ def score(
     mapq_multiprocess: Annotated[bool, typer.Option("--mapq-multiprocess", help="Score Q on the map as MapQ's multi-process mode re-grids it "
                                                     "(to reproduce values published from such runs).")] = False,
     table: Annotated[Table, typer.Option("--table", help="Scattering factors of the model map.")] = Table.electron,
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="PREFIX", help="Write PNGs named PREFIX plus _fsc.png (FSC "
+                                                 "with its 0.5 and 0.143 crossings), _residues.png (Q and CC per residue "
+                                                 "along each chain) and _q_histogram.png (with MapQ's expected Q); a "
+                                                 "folder (existing, or ending in /) gets fsc.png, ... inside.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr when "
+                                           "scoring takes more than a second.")] = True,
 ) -> None:
     """Score MODEL against MAP: CC_mask, CC_box, CC_volume, CC_peaks, local CC, Q-score and FSC."""
     from .._errors import ModelmapError
@@ -442,7 +449,13 @@ def score(
     t0 = time.perf_counter()
     try:
         r = score_to_files(map, model, resolution, json_out=json_out, cxc_out=cxc_out, sigma=sigma,
-                           q_variant=q_variant.value, mapq_multiprocess=mapq_multiprocess, table=table.value)
+                           q_variant=q_variant.value, mapq_multiprocess=mapq_multiprocess, table=table.value,
+                           progress=progress)
+        plots = {}
+        if plot is not None:
+            from ..plots import write_score_plots
+
+            plots = write_score_plots(r, plot, protect=(map, model))
     except (ModelmapError, FileExistsError, ValueError, ImportError) as err:
         _fail(str(err))
     s = r.summary()
@@ -464,6 +477,8 @@ def score(
         typer.echo(f"wrote {json_out}")
     if cxc_out is not None:
         typer.echo(f"wrote {cxc_out} (open in ChimeraX: the model coloured by Q, red 0 to blue 1)")
+    for path in plots.values():
+        typer.echo(f"wrote {path}")
     typer.echo(f"took {time.perf_counter() - t0:.1f} s")
 
 
@@ -499,8 +514,13 @@ def refine(
     monomer_library: Annotated[Optional[Path], typer.Option("--monomer-library", help="A CCP4 monomer library folder "
                                                             "for the restraints (e.g. $CLIBD_MON); default: the PDB's CCD.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the before/after report and the per-step history as JSON.")] = None,
-    cxc_out: Annotated[Optional[Path], typer.Option("--cxc", help="Write a ChimeraX script: map, refined model coloured by shift, start model in gray.")] = None,
+    cxc_out: Annotated[Optional[Path], typer.Option("--cxc", help="The ChimeraX script (map, refined model coloured by shift, "
+                                                    "start model in gray); default: beside the refined model, OUTPUT stem + .cxc.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    plot: Annotated[Optional[Path], typer.Option("--plot", metavar="PREFIX", help="Write a PNG named PREFIX plus _refine.png: "
+                                                 "objective, map loss, bond and angle rmsd (with their limits) and map "
+                                                 "weight per step, macro-cycles marked, CC_mask and mean Q before and "
+                                                 "after; a folder (existing, or ending in /) gets refine.png inside.")] = None,
 ) -> None:
     """Refine MODEL against MAP (coordinates, B, occupancy, per-atom resolution, rigid bodies) under
     geometry restraints from the PDB Chemical Component Dictionary; report CC_mask, mean Q and
@@ -520,7 +540,7 @@ def refine(
                             map_weight=map_weight, occupancy_groups=occ_groups.value,
                             resolution_groups=res_groups.value,
                             resolutions=None if res_scan or "res" not in names else resolution, json_out=json_out,
-                            cxc_out=cxc_out, progress=progress)
+                            cxc_out=cxc_out or output.with_name(model_stem(output) + ".cxc"), progress=progress, plot=plot)
     except (ModelmapError, FileExistsError, ValueError, ImportError, TypeError) as err:
         _fail(str(err))
     b, a = r["before"], r["after"]

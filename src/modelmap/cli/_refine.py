@@ -58,9 +58,11 @@ def refine_to_files(
     json_out: Path | None = None,
     cxc_out: Path | None = None,
     progress: bool = True,
+    plot: Path | None = None,
 ) -> dict:
     """Refine `model_path` against `map_path`, write the refined model to `output`, and optionally a
-    JSON report (before/after scores, the history) and a ChimeraX script.
+    JSON report (before/after scores, the history), a ChimeraX script and the refinement plot
+    (`modelmap.plots.write_refine_plots` with prefix `plot`).
 
     The refined model keeps every record of the input; per-atom resolutions (with `"res"`) are
     written beside it as a ChimeraX attribute file `<output stem>_resolution.defattr` (attribute
@@ -111,13 +113,17 @@ def refine_to_files(
         "geometry": result.geometry, "events": result.events, "monomer_library": result.monomer_library,
         "written": written,
     }
+    payload = {**summary, "history": {k: [None if not np.isfinite(v) else float(v) for v in h[k]] for k in h}}
     if json_out is not None:
-        payload = {**summary, "history": {k: [None if not np.isfinite(v) else float(v) for v in h[k]] for k in h}}
         if result.resolution is not None:
             payload["resolutions"] = [float(v) for v in result.resolution]
         with atomic_path(json_out, protect=inputs) as tmp:
             tmp.write_text(json.dumps(payload, indent=1))
         written["json"] = str(json_out)
+    if plot is not None:
+        from ..plots import write_refine_plots
+
+        written["plot"] = str(write_refine_plots(payload, plot, protect=inputs)["refine"])
     if cxc_out is not None:
         level = io.suggest_contour_level(density.data, density.grid.voxel_volume, refined.n_atoms)
         extra = [
@@ -126,6 +132,7 @@ def refine_to_files(
             f'open "{shift_path.name}"',
             "color byattribute a:shift #1 palette 0,white:0.5,orange:1.5,red noValueColor gray",
             "key white:0 orange:0.5 red:1.5 pos 0.85,0.1 size 0.03,0.3",
+            "# or by the refined B: color bfactor #1 palette blue:white:red",
         ]
         if result.resolution is not None:
             extra.append(f'open "{Path(written["resolution_attributes"]).name}"')

@@ -25,6 +25,7 @@ from jaxtyping import ArrayLike, Bool, Float, Int
 from scipy.spatial import cKDTree
 
 from .._errors import InvalidAtomsError, ModelmapError
+from .._progress import ProgressBar, progress_bar
 
 __all__ = ["MAPQ_TRIES", "MAPQ_REJECT_FRACTION", "Variant", "spiral_points", "mapq_radii", "QProbes", "select_probes",
            "as_positions", "direction_table", "table_index"]
@@ -237,6 +238,7 @@ def select_probes(
     n_points: int = 8,
     radii: ArrayLike | None = None,
     include_center: bool | None = None,
+    progress: "bool | ProgressBar" = False,
 ) -> QProbes:
     """Choose the probe points of every atom (numpy/scipy on concrete coordinates).
 
@@ -267,6 +269,8 @@ def select_probes(
     - `radii`: shell radii in Å; default `mapq_radii()` for MapQ and `linspace(0.1, 2, 20)` for cctbx.
     - `include_center`: whether the r = 0 value enters (N times). Default True (MapQ always; cctbx's
       program default shells have no r = 0, its unit tests do).
+    - `progress`: a progress bar on stderr, one tick per shell (shown after a second); or a caller's
+      `ProgressBar` to tick.
 
     **Returns:** a `QProbes`.
     """
@@ -291,25 +295,33 @@ def select_probes(
     n_atoms, n_shells = pos.shape[0], radii.shape[0]
     n_tried = np.zeros((n_atoms, n_shells), np.int32)
     kept: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-    for s, rad in enumerate(radii):
-        rad = float(rad)
-        counts = nb.count_within((1.0 + frac) * rad)
-        pending = np.arange(n_atoms)
-        for i in range(tries):
-            if pending.size == 0:
-                break
-            n = n_points + 2 * i
-            ok = _kept_points(nb, pos, prox, pending, _spiral_cached(n), rad, frac, counts, variant)
-            good = ok.sum(1) >= n_points if variant == "mapq" else np.ones(pending.size, bool)
-            if good.any():
-                n_tried[pending[good], s] = n
-                kept[(s, n)] = (pending[good], ok[good])
-            pending = pending[~good]
+    with progress_bar(progress, "Q-score probes", n_shells) as bar:
+        for s, rad in enumerate(radii):
+            bar.describe(f"Q-score probes: shell {s + 1} of {n_shells} ({n_atoms} atoms)")
+            _shell_probes(nb, pos, prox, float(rad), n_points, tries, frac, variant, n_tried, kept, s)
+            bar.advance()
     max_points = max((n for (_, n) in kept), default=n_points)
     mask = np.zeros((n_atoms, n_shells, max_points), bool)
     for (s, n), (atoms, ok) in kept.items():
         mask[atoms, s, :n] = ok
     return QProbes.from_mask(radii, n_tried, mask, n_points, include_center, variant)
+
+
+def _shell_probes(nb, pos, prox, rad: float, n_points: int, tries: int, frac: float, variant, n_tried, kept,
+                  s: int) -> None:
+    """One shell of `select_probes`: the spirals tried in turn; fills `n_tried[:, s]` and `kept`."""
+    counts = nb.count_within((1.0 + frac) * rad)
+    pending = np.arange(pos.shape[0])
+    for i in range(tries):
+        if pending.size == 0:
+            break
+        n = n_points + 2 * i
+        ok = _kept_points(nb, pos, prox, pending, _spiral_cached(n), rad, frac, counts, variant)
+        good = ok.sum(1) >= n_points if variant == "mapq" else np.ones(pending.size, bool)
+        if good.any():
+            n_tried[pending[good], s] = n
+            kept[(s, n)] = (pending[good], ok[good])
+        pending = pending[~good]
 
 
 @dataclasses.dataclass(frozen=True)

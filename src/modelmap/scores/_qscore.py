@@ -29,6 +29,7 @@ from jaxtyping import Array, ArrayLike, Float
 from .._errors import ModelmapError
 from .._grid import Grid
 from .._interpolate import interpolate_map
+from .._progress import ProgressBar
 from ._mapq import Interpolation, evaluate_exact, map_parts, mapq_min_max, model_parts
 from ._probes import QProbes, Variant, direction_table, select_probes
 from ._q_aggregate import QScores
@@ -68,6 +69,7 @@ def q_score(
     include_center: bool | None = None,
     interpolation: Interpolation = "chimera",
     probes: QProbes | None = None,
+    progress: "bool | ProgressBar" = False,
 ) -> "QScores":
     """Per-atom Q-score exactly as MapQ computes it (Pintilie et al. 2020, Nat. Methods 17, 328).
 
@@ -103,6 +105,8 @@ def q_score(
     - `interpolation`: `"chimera"` or `"float64"`.
     - `probes`: precomputed probes for exactly the scored atoms, in order (skips the selection;
       their variant, N, shells and r = 0 setting apply).
+    - `progress`: a progress bar on stderr while the probes are chosen (one tick per shell, shown
+      after a second of work); or a caller's `ProgressBar` to tick.
 
     **Returns:** a `QScores` (per-atom Q, NaN where not scored, with aggregation methods).
     """
@@ -120,7 +124,7 @@ def q_score(
     if probes is None:
         probes = select_probes(
             pos[idx], pos[heavy], variant=variant, n_points=n_points, radii=radii,
-            include_center=include_center,
+            include_center=include_center, progress=progress,
         )
     elif probes.n_atoms != idx.size:
         raise ValueError(f"probes are for {probes.n_atoms} atoms but {idx.size} are scored")

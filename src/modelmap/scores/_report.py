@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 
 from .._atoms import validate_atoms
+from .._progress import ProgressBar, progress_bar
 from ..io import AtomicModel, DensityMap
 from ._cc import LocalCC, MapModelCC, local_cc, map_model_cc
 from ._fsc import fsc, fsc_resolution
@@ -116,6 +117,7 @@ def score_model(
     q_variant: str = "mapq",
     mapq_multiprocess: bool = False,
     table: str = "electron",
+    progress: "bool | ProgressBar" = False,
 ) -> ScoreReport:
     """Score `model` against `density_map`: the CC family, local CC, Q-scores and FSC.
 
@@ -132,6 +134,8 @@ def score_model(
     - `mapq_multiprocess`: score Q against the map as MapQ's multi-process mode re-grids it
       (`mapq_regrid`), to reproduce values published from such runs.
     - `table`: scattering table of the model maps.
+    - `progress`: a progress bar on stderr, by stage and by Q-score shell, shown once the work has
+      taken a second (for large models); or a caller's `ProgressBar` to tick.
 
     **Returns:** a `ScoreReport`.
     """
@@ -145,15 +149,26 @@ def score_model(
         raise ValueError("score one model at a time (this file has several models)")
     grid = density_map.grid
     inside = fraction_inside(grid, atoms.positions, model.labels.chain)
-    model_map = np.asarray(render_model(atoms, grid, resolution, method="fourier", sampling="point", table=table))
-    mask = model_mask(atoms, grid)
-    cc = map_model_cc(density_map, model, resolution, model_map=model_map, mask=mask)
-    local = local_cc(density_map, model, resolution, model_map=model_map)
-    q_map = mapq_regrid(density_map, model) if mapq_multiprocess else density_map
-    q = q_score(q_map, model, sigma=sigma, variant=q_variant)
-    nyquist = 2 * max(grid.voxel_size)
-    sharp_map = np.asarray(render_model(atoms, grid, nyquist, method="fourier", sampling="point", table=table))
-    s, f = fsc(np.asarray(density_map.data), sharp_map, mask=mask, grid=grid)
+    with progress_bar(progress, "score", 5) as bar:
+        bar.describe("model map")
+        model_map = np.asarray(render_model(atoms, grid, resolution, method="fourier", sampling="point", table=table))
+        bar.advance()
+        bar.describe("mask and CC")
+        mask = model_mask(atoms, grid)
+        cc = map_model_cc(density_map, model, resolution, model_map=model_map, mask=mask)
+        bar.advance()
+        bar.describe("local CC")
+        local = local_cc(density_map, model, resolution, model_map=model_map)
+        bar.advance()
+        bar.describe("Q-score")
+        q_map = mapq_regrid(density_map, model) if mapq_multiprocess else density_map
+        q = q_score(q_map, model, sigma=sigma, variant=q_variant, progress=bar)
+        bar.advance()
+        bar.describe("FSC")
+        nyquist = 2 * max(grid.voxel_size)
+        sharp_map = np.asarray(render_model(atoms, grid, nyquist, method="fourier", sampling="point", table=table))
+        s, f = fsc(np.asarray(density_map.data), sharp_map, mask=mask, grid=grid)
+        bar.advance()
     expected = float(expected_q(resolution, sigma=sigma)) if sigma in (0.6, 0.4) else math.nan
     return ScoreReport(
         resolution=float(resolution), cc=cc, local=local, q=q, expected_q=expected,

@@ -18,6 +18,7 @@ Gaussian), `cold_refit` [E, nD] bool, and `metadata` (JSON string).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -28,6 +29,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
+from .._progress import progress_bar
 from ._fit import FITTER_VERSION, FitSettings, ShellFit, fit_image, normalized_image
 
 ELEMENTS = ("H", "C", "N", "O", "S", "P", "Se", "Na", "Mg", "K", "Ca", "Cl", "Mn", "Fe", "Co", "Ni",
@@ -135,24 +137,27 @@ def sweep_element(args) -> dict:
     return dict(symbol=symbol, z=z, params=params, log_rho0=log_rho0, err=err, amp=amp, cold=cold, jumps=jumps)
 
 
-def build_table(table: str, elements=ELEMENTS, settings: FitSettings = FitSettings(), processes: int = 1) -> dict:
-    """Fit every element of `elements` over the D grid; returns the arrays of the table file."""
+def build_table(table: str, elements=ELEMENTS, settings: FitSettings = FitSettings(), processes: int = 1,
+                progress: bool = False) -> dict:
+    """Fit every element of `elements` over the D grid; returns the arrays of the table file.
+
+    Each element's fit summary goes to stderr; `progress` adds a bar there (one tick per element).
+    """
     jobs = [(el, table, settings) for el in elements]
     t0 = time.perf_counter()
-    if processes > 1:
-        with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            results = []
-            for res in pool.imap(sweep_element, jobs):
-                results.append(res)
-                print(f"  {table} {res['symbol']}: max fit error {res['err'].max():.2e}, "
-                      f"{int(res['cold'].sum())} cold refits, jumps {res['jumps']}", file=sys.stderr, flush=True)
-    else:
-        results = []
-        for job in jobs:
-            res = sweep_element(job)
+    results = []
+    with contextlib.ExitStack() as stack, progress_bar(progress, f"{table} shell table", len(jobs)) as bar:
+        if processes > 1:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(processes))
+            fitted = pool.imap(sweep_element, jobs)
+        else:
+            fitted = map(sweep_element, jobs)
+        for res in fitted:
             results.append(res)
             print(f"  {table} {res['symbol']}: max fit error {res['err'].max():.2e}, "
                   f"{int(res['cold'].sum())} cold refits, jumps {res['jumps']}", file=sys.stderr, flush=True)
+            bar.describe(f"{res['symbol']} done")
+            bar.advance()
     metadata = dict(
         format="modelmap shell table v1",
         scattering_table=table,
@@ -208,7 +213,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     tables = ["electron", "xray"] if args.table == "all" else [args.table]
     for table in tables:
-        arrays = build_table(table, tuple(args.elements.split(",")), processes=args.processes)
+        arrays = build_table(table, tuple(args.elements.split(",")), processes=args.processes, progress=True)
         path = table_path(table, args.out)
         write_table(arrays, path)
         meta = json.loads(str(arrays["metadata"]))
