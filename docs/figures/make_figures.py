@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -23,27 +24,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import modelmap as mm  # noqa: E402
-from modelmap import io  # noqa: E402
-from modelmap._peptide import ideal_peptide  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent / "notebooks"))
+from _common import helix, with_atoms  # noqa: E402  (the notebooks' package-built helix)
 DPI = 90
 CARBON = 6
-
-
-def helix(sequence: str = "AAAAGAAAAAAA", b_factor: float = 20.0) -> mm.AtomicModel:
-    """The demo's ideal α-helix (poly-Ala with one Gly) as an `AtomicModel`."""
-    return io.model_from_structure(ideal_peptide(sequence, b_factor=b_factor))
-
-
-def with_atoms(model: mm.AtomicModel, positions=None, b_factors=None, occupancies=None) -> mm.AtomicModel:
-    a = model.atoms
-    return model.replace(atoms=mm.Atoms(
-        a.positions if positions is None else np.asarray(positions, np.float32),
-        a.atomic_numbers,
-        a.b_factors if b_factors is None else np.asarray(b_factors, np.float32),
-        a.occupancies if occupancies is None else np.asarray(occupancies, np.float32),
-    ))
 
 
 def extent_xy(grid: mm.Grid) -> list[float]:
