@@ -218,3 +218,48 @@ def test_resolution_blur_is_molmap_sigma():
         assert sigma == pytest.approx(d / (math.pi * math.sqrt(2)), rel=1e-12)
     with pytest.raises(ValueError):
         mm.resolution_to_blur(-1.0)
+
+
+def test_refit_moves_sources_into_spare_windows_without_recompiling():
+    """`WindowPlan.with_spare` + `refit` (what refinement does when B outgrows its plan): the
+    re-dealt plan keeps every shape, so a compiled render runs it without recompiling, renders
+    the map of a fresh plan, and is None when the spare slots are too few."""
+    from modelmap.render._windows import WindowPlan
+
+    rng = np.random.default_rng(3)
+    n = 40
+    grid = mm.Grid((24, 24, 24), 1.0)
+    atoms = mm.Atoms(jnp.asarray(rng.uniform(6.0, 18.0, (n, 3)), jnp.float32), np.full(n, 6),
+                     jnp.full(n, 20.0, jnp.float32), jnp.ones(n, jnp.float32))
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms)
+    fn = mm.GaussianMixtureRenderFn(grid, max_buckets=None).with_plan(vol)
+    wide = mm.GaussianMixtureRenderFn(grid).with_plan(eqx.tree_at(lambda v: v.b_factors, vol, jnp.full(n, 150.0)))
+    spare_width = max(b.half_width for b in wide.plan.buckets)
+    old = eqx.tree_at(lambda f: f.plan, fn, fn.plan.with_spare(spare_width, 8))
+
+    grown_b = np.full(n, 20.0, np.float32)
+    grown_b[:5] = 140.0  # five atoms outgrow their windows
+    grown = eqx.tree_at(lambda v: v.b_factors, vol, jnp.asarray(grown_b))
+    fresh = mm.GaussianMixtureRenderFn(grid, max_buckets=None).with_plan(grown)
+    refit = old.plan.refit(grid, fresh.plan)
+    assert refit is not None
+    shapes = lambda p: [(b.half_width, b.indices.shape, b.mask.shape) for b in p.buckets]
+    assert shapes(refit) == shapes(old.plan) and refit.pad == old.plan.pad
+    assert np.all(np.asarray(refit.max_variance)[:5] >= np.asarray(fresh.plan.max_variance)[:5])
+
+    render = eqx.filter_jit(lambda f, v: f(v))
+    render(old, vol)
+    before = render._cached._cache_size()
+    with pytest.raises(Exception, match="wider than the window"):
+        render(old, grown).block_until_ready()  # the old windows do not hold them
+    refitted = eqx.tree_at(lambda f: f.plan, old, refit)
+    got = np.asarray(render(refitted, grown))
+    assert render._cached._cache_size() == before  # same shapes: no new compilation
+    want = np.asarray(fresh(grown))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+    too_many = np.full(n, 140.0, np.float32)  # 40 wide windows, 8 spare slots
+    fresh_all = mm.GaussianMixtureRenderFn(grid, max_buckets=None).with_plan(
+        eqx.tree_at(lambda v: v.b_factors, vol, jnp.asarray(too_many)))
+    assert old.plan.refit(grid, fresh_all.plan) is None
+    assert isinstance(refit, WindowPlan)

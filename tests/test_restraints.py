@@ -324,3 +324,25 @@ def test_restraint_only_minimisation_repairs_perturbed_7cec(cec):
     assert after["chirality_rmsd"] < 0.2
     v = np.asarray(r.chiral_volumes(x))
     assert np.all(np.sign(v) == np.sign(np.asarray(r.chiral_ideal)))
+
+
+def test_shipped_ccd_rows_equal_biotites():
+    """The CCD rows shipped for the common components (`_ccd_standard.json`) are biotite's own, so
+    the restraints do not depend on which of the two a template was read from."""
+    from modelmap.refine import _ccd
+
+    for name in ("ALA", "PRO", "TRP", "MSE", "DG", "U", "HOH"):
+        for category, columns in _ccd.COLUMNS.items():
+            shipped, direct = _ccd.ccd_rows(category, name), _ccd._from_biotite(category, name)
+            assert (shipped is None) == (direct is None), (name, category)
+            if shipped is None:
+                continue
+            assert set(shipped) == set(direct), (name, category)
+            for column, kind in columns.items():
+                if column not in direct:
+                    continue
+                if kind is float:
+                    np.testing.assert_array_equal(shipped[column], direct[column], err_msg=f"{name} {column}")
+                else:
+                    assert shipped[column].tolist() == direct[column].tolist(), (name, column)
+    assert _ccd.ccd_rows("chem_comp_atom", "NOT_A_COMPONENT") is None

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._ccd import ccd_rows
 
 __all__ = ["ANGLE_SIGMA", "BACKBONE_ANGLE_SIGMA", "BOND_SIGMA", "CHIRAL_SIGMA", "LINK_CUTOFF", "OMEGA_SIGMA",
            "PLANE_SIGMA", "ResidueTemplate", "RestraintsWarning", "residue_template"]
@@ -242,42 +243,28 @@ def _sp2_planes(names, elements, bonded, aromatic, double) -> list[tuple[str, ..
 
 
 def _template_from_ccd(name: str, engh_huber: bool) -> ResidueTemplate | None:
-    try:
-        import biotite.structure.info as info
-    except ImportError as err:  # pragma: no cover - biotite is a dependency of refine
-        raise ImportError(
-            "modelmap.refine needs biotite for the Chemical Component Dictionary: pip install "
-            "'modelmap[refine]' (or pip install biotite)"
-        ) from err
-    try:
-        atoms = info.get_from_ccd("chem_comp_atom", name)
-        bonds = info.get_from_ccd("chem_comp_bond", name)
-    except Exception:
-        return None
+    atoms = ccd_rows("chem_comp_atom", name)
     if atoms is None:
         return None
-    names = [str(n) for n in atoms["atom_id"].as_array()]
-    elements = {n: str(e).upper() for n, e in zip(names, atoms["type_symbol"].as_array())}
-    xyz = np.stack(
-        [atoms[f"pdbx_model_Cartn_{c}_ideal"].as_array(np.float64, masked_value=np.nan) for c in "xyz"], 1
-    ) if "pdbx_model_Cartn_x_ideal" in atoms else np.full((len(names), 3), np.nan)
+    bonds = ccd_rows("chem_comp_bond", name)
+    names = [str(n) for n in atoms["atom_id"]]
+    elements = {n: str(e).upper() for n, e in zip(names, atoms["type_symbol"])}
+    xyz = np.stack([atoms[f"pdbx_model_Cartn_{c}_ideal"] for c in "xyz"], 1) if (
+        "pdbx_model_Cartn_x_ideal" in atoms) else np.full((len(names), 3), np.nan)
     source = "CCD ideal coordinates"
     if not np.all(np.isfinite(xyz)):
-        model = np.stack(
-            [atoms[f"model_Cartn_{c}"].as_array(np.float64, masked_value=np.nan) for c in "xyz"], 1
-        )
+        model = np.stack([atoms[f"model_Cartn_{c}"] for c in "xyz"], 1)
         if np.all(np.isfinite(model)):
             xyz, source = model, "CCD model coordinates (no ideal coordinates)"
         elif len(names) > 1:
             return None
     pos = dict(zip(names, xyz))
-    aromatic_atoms = {n for n, f in zip(names, atoms["pdbx_aromatic_flag"].as_array()) if f == "Y"}
-    stereo = {n: s for n, s in zip(names, atoms["pdbx_stereo_config"].as_array()) if s in ("R", "S")}
+    aromatic_atoms = {n for n, f in zip(names, atoms["pdbx_aromatic_flag"]) if f == "Y"}
+    stereo = {n: s for n, s in zip(names, atoms["pdbx_stereo_config"]) if s in ("R", "S")}
     bonded: dict[str, set[str]] = {n: set() for n in names}
     bond_list, double = [], []
     if bonds is not None:
-        for a, b, order in zip(bonds["atom_id_1"].as_array(), bonds["atom_id_2"].as_array(),
-                               bonds["value_order"].as_array()):
+        for a, b, order in zip(bonds["atom_id_1"], bonds["atom_id_2"], bonds["value_order"]):
             a, b = str(a), str(b)
             bonded[a].add(b)
             bonded[b].add(a)

@@ -19,7 +19,8 @@ renderer whose atoms each have their own resolution.
 `objective` returns the value and, as aux, the terms a refinement reports at every step: the map
 loss, E_geom, bond and angle rmsd, and the largest displacement of any atom from where the
 non-bonded contact list was built (`shift`, Å: the solver stops when it exceeds half the list's
-buffer, so that the host rebuilds the list).
+buffer, so that the host rebuilds the list) and how many atoms' B reached the render plan's ceiling
+(`at_ceiling`: the solver stops, the host re-plans the model map).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Args(eqx.Module):
     d_lo: Float[Array, " n"] | None
     d_hi: Float[Array, " n"] | None
     b_lo: Float[Array, " n"]
-    b_hi: Float[Array, " n"]
+    b_hi: Float[Array, " n"]  # the render plan's ceiling (or the physical bound b_max)
+    b_max: Float[Array, ""]  # the physical upper bound of B
     target: Float[Array, "nz ny nx"]
     mask: Array
     restraints: Restraints | None
@@ -162,12 +164,15 @@ def objective(u: dict, args: Args, static: Static):
     value = args.weight * static.n_atoms * map_loss + geometry + bound_penalty(u, args, static)
     pos = build(u, args)[0]
     shift = jnp.sqrt(jnp.max(jnp.sum((pos - args.list_positions) ** 2, -1)))
+    raw = shifted(u, args)
+    # atoms whose B reached the render plan's ceiling (not the physical bound): the host re-plans
+    ceiling = jnp.sum((raw["b"] >= args.b_hi) & (args.b_hi < args.b_max)) if "b" in raw else jnp.zeros((), jnp.int32)
     if args.restraints is None:
         bond = angle = jnp.full((), jnp.nan, dt)
     else:
         bond, angle = args.restraints.bond_rmsd(pos), args.restraints.angle_rmsd(pos)
     aux = {"map_loss": map_loss, "geometry": geometry, "bond_rmsd": bond, "angle_rmsd": angle, "shift": shift,
-           "stale_shift": args.stale_shift}
+           "stale_shift": args.stale_shift, "at_ceiling": ceiling}
     return value, jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(x).astype(dt), aux)
 
 

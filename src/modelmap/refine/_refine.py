@@ -10,9 +10,10 @@ run is one compiled call with no host round-trip per step. Between runs, on the 
   as Phenix's weight search lowers the data weight when geometry degrades;
 - **contacts**: a run stops as soon as any atom has moved by more than half the non-bonded list's
   buffer since the list was built; the list is rebuilt and the run goes on (a Verlet list);
-- **render plans**: each run's model map holds every atom's B up to `B + max(b_window, B)`;
-  an atom that reaches that ceiling is re-planned around its new B (`max(b_window, B/2)` above it). B is bounded only by the
-  physical `b_bounds` (1-500 Å² by default).
+- **render plans**: the model map is planned for every atom's B up to `B + max(b_window, B)` of
+  its start; a run stops when an atom reaches that ceiling, and the host re-plans that atom for
+  the physical bound (one compilation; a run that went on would hold it at the ceiling). B is
+  bounded only by the physical `b_bounds` (1-500 Å² by default).
 
 Each run starts from the model its predecessor ended with (the parameters are folded into the
 model, the L-BFGS memory restarts).
@@ -51,6 +52,7 @@ from .._grid import Grid
 from ..io import AtomicModel, DensityMap
 from ..io._map import map_array
 from ..render import ShellRenderFn, SplatFourierRenderFn
+from ..render._windows import WindowPlan
 from ..scattering import get_table
 from ..scores import atom_neighbourhood_mask, select_probes
 from ..shells import D_RANGE
@@ -85,8 +87,9 @@ class _Monitor(eqx.Module):
         return build(u, args)
 
 
-def _stale(aux):
-    return aux["shift"] > aux["stale_shift"]
+def _needs_host(aux):
+    """Stop a run for the host: the contact list is stale, or a B reached the plan's ceiling."""
+    return (aux["shift"] > aux["stale_shift"]) | (aux["at_ceiling"] > 0)
 
 
 @dataclasses.dataclass
@@ -142,14 +145,63 @@ def _as_inputs(model, target, grid):
 
 
 def _b_ceiling(b: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """Each atom's highest B in a run's render plan: B + max(b_window, B), at most the bound."""
-    return np.minimum(b + np.maximum(cfg.b_window, 0.5 * b), cfg.b_bounds[1])
+    """Each atom's highest B in a run's render plan: B + max(b_window, B), at most the upper bound."""
+    return np.minimum(b + np.maximum(cfg.b_window, b), cfg.b_bounds[1])
+
+
+def _window_plans(render_fn) -> list[WindowPlan]:
+    """The `WindowPlan`s inside a render function, in tree order."""
+    leaves = jax.tree_util.tree_leaves(render_fn, is_leaf=lambda x: isinstance(x, WindowPlan))
+    return [x for x in leaves if isinstance(x, WindowPlan)]
+
+
+def _replace_plans(render_fn, plans: list[WindowPlan]):
+    return eqx.tree_at(_window_plans, render_fn, plans)
+
+
+def _n_spare(n: int) -> int:
+    """Free window slots for atoms re-planned for the upper B bound: 1/32 of the atoms, at least 64."""
+    return max(64, n // 32)
+
+
+def _with_spare(render_fn, at_bound, n_spare: int):
+    """`render_fn` with room for `n_spare` atoms re-planned for the upper B bound (`at_bound`: the
+    same render function planned with every atom there) without a change of shape."""
+    plans, bound = _window_plans(render_fn), _window_plans(at_bound)
+    if len(plans) != len(bound) or not plans:
+        return render_fn
+    spare = [p.with_spare(tuple(np.max([b.half_width for b in q.buckets], axis=0)), n_spare)
+             for p, q in zip(plans, bound)]
+    return _replace_plans(render_fn, spare)
+
+
+def _keep_shapes(new_fn, old_fn, grid: Grid):
+    """`new_fn` with its windows dealt into `old_fn`'s buckets (`WindowPlan.refit`), so that the
+    compiled run takes it without recompiling; None where they do not fit."""
+    new, old = _window_plans(new_fn), _window_plans(old_fn)
+    if len(new) != len(old) or not new:
+        return None
+    refit = [o.refit(grid, q) for o, q in zip(old, new)]
+    return None if any(r is None for r in refit) else _replace_plans(new_fn, refit)
+
+
+def _model_map_fn(plan: Callable, ceiling: np.ndarray, cfg: RefineConfig, grid: Grid, old=None):
+    """The model map's render function for B up to `ceiling` (`plan(ceiling, exact)` plans one):
+    `old`'s windows re-dealt where they hold the new ones (no recompilation), else a new plan
+    with spare windows for `_n_spare` atoms at the upper B bound."""
+    if old is not None:
+        fn = _keep_shapes(plan(ceiling, True), old, grid)
+        if fn is not None:
+            return fn
+    n = len(ceiling)
+    return _with_spare(plan(ceiling, False), plan(np.full(n, cfg.b_bounds[1]), False), _n_spare(n))
 
 
 def _render_fn(grid: Grid, pos, z, b_ceiling, occ, res, per_atom: bool, cfg: RefineConfig, refine_res: bool,
-               res_ref=None):
+               res_ref=None, exact: bool = False):
     """The model map's render function, planned for every B in [b_bounds[0], b_ceiling] (and
-    resolutions within d_margin of `res_ref` for the shell map)."""
+    resolutions within d_margin of `res_ref` for the shell map); `exact`: every window as small as
+    it can be (as many buckets as sizes; what `_keep_shapes` deals into an earlier plan)."""
     below = max(float(np.min(b_ceiling)) - cfg.b_bounds[0], 0.0)
     pos = np.asarray(pos)
     pos = pos[0] if pos.ndim == 3 else pos  # a batch: windows depend on B and D, not on where atoms are
@@ -159,7 +211,7 @@ def _render_fn(grid: Grid, pos, z, b_ceiling, occ, res, per_atom: bool, cfg: Ref
         vol = ShellDecompositionVolume.from_atoms(atoms, jnp.asarray(res_ref), cfg.table, k)
         return ShellRenderFn(grid).with_plan(vol, b_margin=(below, 0.0), d_margin=cfg.d_margin if refine_res else 0.0)
     vol = IndependentAtomVolume.from_atoms(atoms, float(res), cfg.table)
-    return SplatFourierRenderFn(grid, eps=1e-3, max_buckets=3).with_plan(vol, b_margin=(below, 0.0))
+    return SplatFourierRenderFn(grid, eps=1e-3, max_buckets=None if exact else 3).with_plan(vol, b_margin=(below, 0.0))
 
 
 def _shell_terms(cfg: RefineConfig) -> int:
@@ -212,7 +264,9 @@ def _setup(model, target, resolution, cfg: RefineConfig, *, grid, restraints, mo
                                   (n,)).copy()
         d_lo = np.maximum(res_ref - cfg.d_margin, d_bounds[0])
         d_hi = np.minimum(res_ref + cfg.d_margin, d_bounds[1])
-        render_fn = _render_fn(grid, pos0, atoms.atomic_numbers, ceiling, occ0, None, True, cfg, refine_res, res_ref)
+        plan = lambda c, exact: _render_fn(grid, pos0, atoms.atomic_numbers, c, occ0, None, True, cfg, refine_res,
+                                           res_ref, exact)
+        render_fn = _model_map_fn(plan, ceiling, cfg, grid) if "b" in params else plan(ceiling, False)
         k = _shell_terms(cfg)
         start = ShellDecompositionVolume.from_atoms(
             Atoms(jnp.asarray(pos0), atoms.atomic_numbers, jnp.asarray(b0), jnp.asarray(occ0)), jnp.asarray(res_ref),
@@ -226,7 +280,9 @@ def _setup(model, target, resolution, cfg: RefineConfig, *, grid, restraints, mo
         table_arg, z_arg = (start.table, k), start.element_index
     else:
         res0 = d_lo = d_hi = None
-        render_fn = _render_fn(grid, pos0, atoms.atomic_numbers, ceiling, occ0, resolution, False, cfg, False)
+        plan = lambda c, exact: _render_fn(grid, pos0, atoms.atomic_numbers, c, occ0, resolution, False, cfg, False,
+                                           None, exact)
+        render_fn = _model_map_fn(plan, ceiling, cfg, grid) if "b" in params else plan(ceiling, False)
         start = IndependentAtomVolume.from_atoms(atoms, float(resolution), cfg.table)
         table_arg, z_arg = start.table, start.atomic_numbers
     unit_xyz, unit_b, unit_occ = units(b0.astype(np.float64), np.asarray(atoms.atomic_numbers), float(resolution),
@@ -275,7 +331,7 @@ def _setup(model, target, resolution, cfg: RefineConfig, *, grid, restraints, mo
         unit_xyz=unit_xyz, unit_b=unit_b, unit_occ=unit_occ, occ_groups=jnp.asarray(occ_groups),
         unit_occ_group=unit_occ_group, res_groups=jnp.asarray(res_groups), unit_res_group=unit_res_group,
         d_lo=None if d_lo is None else jnp.asarray(d_lo), d_hi=None if d_hi is None else jnp.asarray(d_hi),
-        b_lo=jnp.full((n,), cfg.b_bounds[0], dtype), b_hi=jnp.asarray(ceiling, dtype),
+        b_lo=jnp.full((n,), cfg.b_bounds[0], dtype), b_hi=jnp.asarray(ceiling, dtype), b_max=jnp.asarray(cfg.b_bounds[1], dtype),
         target=data, mask=jnp.asarray(mask), restraints=restraints, list_positions=jnp.asarray(pos0),
         stale_shift=jnp.asarray(stale, dtype), weight=jnp.ones((), dtype), probes=probes, grid=grid, table=table_arg,
     )
@@ -312,12 +368,16 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig) -> tuple[_Prob
         hi = np.asarray(args.b_hi)
         at_ceiling = (b >= hi - 1e-3) & (hi < cfg.b_bounds[1])
         if at_ceiling.any():
+            # every atom around its B now: the atoms on their way up get room too (an atom held at
+            # its ceiling, a stiff wall, spoils L-BFGS's curvature pairs: 7CEC from a flat B took
+            # 70 steps to an RMSE of 3 Å² re-planning only the atoms at the ceiling, 10 this way)
             ceiling = _b_ceiling(b, cfg)
             res_ref = None if res is None else np.asarray(res)
-            render_fn = _render_fn(problem.grid, pos, problem.atoms.atomic_numbers, ceiling, occ,
-                                   problem.resolution, isinstance(static.render_fn, ShellRenderFn), cfg,
-                                   problem.refine_res, res_ref)
-            static = dataclasses.replace(static, render_fn=render_fn)
+            plan = lambda c, exact: _render_fn(problem.grid, pos, problem.atoms.atomic_numbers, c, occ,
+                                               problem.resolution, isinstance(static.render_fn, ShellRenderFn), cfg,
+                                               problem.refine_res, res_ref, exact)
+            static = dataclasses.replace(static, render_fn=_model_map_fn(plan, ceiling, cfg, problem.grid,
+                                                                         static.render_fn))
             new["b_hi"] = jnp.asarray(ceiling, jnp.float32)
             events.append(f"model map re-planned: {int(at_ceiling.sum())} atoms reached their B ceiling")
         # B units follow B (the map's curvature in B falls as B grows)
@@ -377,7 +437,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
 
     def run(st: Static, u, args, budget: int):
         """One compiled run of one structure (the same compiled function for every call)."""
-        return minimise(_Objective(st), solver, u, args, per_run, jnp.asarray(budget, jnp.int32), _stale,
+        return minimise(_Objective(st), solver, u, args, per_run, jnp.asarray(budget, jnp.int32), _needs_host,
                         reporter, cfg.progress_every, monitor)
 
     def weigh(pr: _Problem, st: Static, cycle: int) -> None:
@@ -468,6 +528,10 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                     pr, st, events = _rebase(pr, statics[i], cfg)
                     statics[i] = st
                     pr.events.extend(f"cycle {cycle}: {e}" for e in events)
+                    if pr.result == "converged" and not events and not (st.restrain_xyz and cfg.map_weight == "auto"):
+                        # converged, nothing re-planned or rebuilt, a weight that stays: a later
+                        # cycle would start at this minimum and end at it (its line searches fail)
+                        pr.done = True
                 if batched:
                     if any(s.render_fn is not statics[0].render_fn for s in statics[1:]):
                         # one plan for the batch: re-plan every member's map like the widest
@@ -499,7 +563,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
 @eqx.filter_jit
 def _minimise_batch(fn, solver, u, args, max_steps: int, budget):
     """`minimise` vmapped over a batch of structures (leading axis of `u`, `args` and `budget`)."""
-    return eqx.filter_vmap(lambda u_, a_, b_: minimise(fn, solver, u_, a_, max_steps, b_, _stale))(u, args, budget)
+    return eqx.filter_vmap(lambda u_, a_, b_: minimise(fn, solver, u_, a_, max_steps, b_, _needs_host))(u, args, budget)
 
 
 def _same_capacity(problems) -> None:

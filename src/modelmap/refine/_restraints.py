@@ -252,22 +252,14 @@ class Restraints(eqx.Module):
 
     def summary(self, positions) -> dict[str, float]:
         """Counts and rmsds (bond Å, angle °, chirality Å³, planarity Å, worst clash Å) as floats."""
-        pos = jnp.asarray(positions)
-        dev = self.plane_deviations(pos) if self.plane_index.shape[0] else jnp.zeros((0,))
-        nb = self.nonbonded_distance - self.nonbonded_distances(pos)
+        values = _summary_values(self, jnp.asarray(positions))
         return {
             "bonds": int(self.bond_index.shape[0]),
             "angles": int(self.angle_index.shape[0]),
             "planes": int(self.plane_index.shape[0]),
             "chirals": int(self.chiral_index.shape[0]),
             "nonbonded_pairs": int(np.sum(np.asarray(self.nonbonded_distance) > 0)),
-            "bond_rmsd": float(self.bond_rmsd(pos)),
-            "angle_rmsd": float(self.angle_rmsd(pos)),
-            "chirality_rmsd": float(jnp.sqrt(jnp.mean((self.chiral_volumes(pos) - self.chiral_ideal) ** 2)))
-            if self.chiral_index.shape[0] else 0.0,
-            "planarity_rmsd": float(jnp.sqrt(jnp.sum(dev**2) / jnp.maximum(jnp.sum(self.plane_mask), 1)))
-            if self.plane_index.shape[0] else 0.0,
-            "worst_overlap": float(jnp.max(nb, initial=0.0)),
+            **{k: float(v) for k, v in values.items()},
         }
 
     # ---- neighbour list -------------------------------------------------------------------
@@ -301,3 +293,20 @@ class Restraints(eqx.Module):
             lambda r: (r.nonbonded_index, r.nonbonded_distance), self,
             (jnp.asarray(index, jnp.int32), jnp.asarray(r0, dt)),
         )
+
+
+@eqx.filter_jit
+def _summary_values(restraints: Restraints, pos: Float[Array, "n 3"]) -> dict:
+    """`Restraints.summary`'s rmsds in one compiled call (op by op, each is a compilation of its own)."""
+    r = restraints
+    zero = jnp.zeros((), pos.dtype)
+    dev = r.plane_deviations(pos) if r.plane_index.shape[0] else jnp.zeros((0,), pos.dtype)
+    return {
+        "bond_rmsd": r.bond_rmsd(pos),
+        "angle_rmsd": r.angle_rmsd(pos),
+        "chirality_rmsd": jnp.sqrt(jnp.mean((r.chiral_volumes(pos) - r.chiral_ideal) ** 2))
+        if r.chiral_index.shape[0] else zero,
+        "planarity_rmsd": jnp.sqrt(jnp.sum(dev**2) / jnp.maximum(jnp.sum(r.plane_mask), 1))
+        if r.plane_index.shape[0] else zero,
+        "worst_overlap": jnp.max(r.nonbonded_distance - r.nonbonded_distances(pos), initial=0.0),
+    }

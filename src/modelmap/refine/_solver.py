@@ -12,7 +12,8 @@ The direction is optax's L-BFGS (`optax.scale_by_lbfgs`, Nocedal & Wright Alg. 7
 scaled initial Hessian). The memory restarts when a step fails the curvature condition
 (sᵀy <= 0), when the direction is not one of descent, and when the line search finds no
 decrease. A step that lowers the objective by less than `rtol` × |f| (or finds no decrease)
-counts as quiet; `quiet_steps` quiet steps in a row end the run as converged.
+counts as quiet; `quiet_steps` quiet steps in a row end the run as converged, and so do two
+failed line searches in a row.
 
 The objective is `fn(y, args) -> (value, aux)`; `aux` (a pytree of scalars) is recorded at every
 accepted step (`history`), and `stop(aux)` (optional, static) ends the run early when true at
@@ -171,6 +172,9 @@ class LBFGS(eqx.Module):
         decrease = state.f - f1
         quiet_step = state.started & (failed | (take & (decrease <= self.rtol * jnp.maximum(jnp.abs(f1), 1e-30))))
         quiet = jnp.where(quiet_step, state.quiet + 1, jnp.where(take, 0, state.quiet))
+        # a failed search restarts the memory; a second one in a row (along the scaled gradient) ends
+        # the run: at the minimum the trials only see float rounding (10 trials each)
+        quiet = jnp.where(failed & state.started, jnp.maximum(quiet, self.quiet_steps - 1), quiet)
         step = state.step + jnp.where(take & state.started, 1, 0)
 
         search = _where(moved, self.search.init(f_next, slope, 1.0), search)

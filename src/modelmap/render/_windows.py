@@ -116,6 +116,66 @@ class WindowPlan(AbstractWindowPlan):
                 out[p].append(WindowBucket(b.half_width, jnp.asarray(idx[run]), jnp.asarray(mask[run])))
         return tuple(WindowPlan(tuple(bs), self.max_variance, self.n_sigma, self.pad) for bs in out)
 
+    def with_spare(self, half_width: tuple[int, int, int], n: int) -> "WindowPlan":
+        """A copy with `n` free (masked) slots for sources whose windows are `half_width` (x, y, z
+        voxels): chunks added to the bucket of that size, or a new bucket. `refit` moves sources
+        into free slots without changing any shape (concrete; call outside `jit`)."""
+        half_width = tuple(int(h) for h in half_width)
+        if n < 1:
+            return self
+        buckets = list(self.buckets)
+        same = [i for i, b in enumerate(buckets) if b.half_width == half_width]
+        c = int(buckets[same[0]].indices.shape[1]) if same else int(8 * math.ceil(n / 8))
+        nc = math.ceil(n / c)
+        idx, mask = np.zeros((nc, c), np.int32), np.zeros((nc, c), bool)
+        if same:
+            b = buckets[same[0]]
+            buckets[same[0]] = WindowBucket(half_width, jnp.concatenate([b.indices, jnp.asarray(idx)]),
+                                            jnp.concatenate([b.mask, jnp.asarray(mask)]))
+        else:
+            buckets.append(WindowBucket(half_width, jnp.asarray(idx), jnp.asarray(mask)))
+            buckets.sort(key=lambda b: b.half_width)
+        pad = tuple(max(p, 2 * h) for p, h in zip(self.pad, half_width))
+        return WindowPlan(tuple(buckets), self.max_variance, self.n_sigma, pad)
+
+    def refit(self, grid: Grid, required: "WindowPlan") -> "WindowPlan | None":
+        """The sources re-dealt into this plan's buckets and slots so that each gets a window at
+        least as large as in `required` (a plan for new variances, of the same sources and grid):
+        every array keeps its shape, so a compiled function that took this plan runs the new one
+        without recompiling. None when the buckets have too few slots (plan afresh then).
+
+        Each source goes to the smallest bucket that holds its window, widest sources first;
+        `max_variance` is what the chosen window covers.
+        """
+        n = self.n_sources
+        if required.n_sources != n or required.n_sigma != self.n_sigma:
+            return None
+        need = np.zeros((n, 3), np.int64)
+        for b in required.buckets:
+            idx, mask = np.asarray(b.indices), np.asarray(b.mask)
+            need[idx[mask]] = b.half_width
+        keys = [np.asarray(b.half_width) for b in self.buckets]
+        sizes = [int(np.prod(2 * k + 1)) for k in keys]
+        capacity = [int(np.prod(b.indices.shape)) for b in self.buckets]
+        members: list[list[int]] = [[] for _ in self.buckets]
+        chosen = np.zeros(n, np.int64)
+        for i in np.argsort(-np.prod(2 * need + 1, axis=1), kind="stable"):
+            fits = [j for j in range(len(keys)) if np.all(keys[j] >= need[i]) and len(members[j]) < capacity[j]]
+            if not fits:
+                return None
+            j = min(fits, key=lambda j: sizes[j])
+            members[j].append(int(i))
+            chosen[i] = j
+        buckets = []
+        for b, m in zip(self.buckets, members):
+            nc, c = b.indices.shape
+            idx, mask = np.zeros(nc * c, np.int32), np.zeros(nc * c, bool)
+            idx[: len(m)], mask[: len(m)] = np.sort(m), True  # index order: the plan's locality order
+            idx[len(m):] = idx[0] if m else 0
+            buckets.append(WindowBucket(b.half_width, jnp.asarray(idx.reshape(nc, c)), jnp.asarray(mask.reshape(nc, c))))
+        fit = _covered_variance(np.stack(keys)[chosen], np.asarray(grid.voxel_size), self.n_sigma)
+        return WindowPlan(tuple(buckets), jnp.asarray(fit, self.max_variance.dtype), self.n_sigma, self.pad)
+
     @property
     def covered_radius(self) -> Float[Array, " n"]:
         """`(n,)` the radius (Å) of the ball around each source that its window holds."""
