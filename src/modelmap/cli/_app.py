@@ -1,4 +1,4 @@
-"""`modelmap` command line (typer): render, score, refine, demo."""
+"""`modelmap` command line (typer): render, score, refine, batch, demo."""
 
 from __future__ import annotations
 
@@ -632,6 +632,11 @@ def demo(
                                  ("rmsd to the true (Å)", error(pos), error(refined.atoms.positions))):
         typer.echo(f"  {label:22} {before:8.3f} {after:8.3f}")
     typer.echo(f"took {time.perf_counter() - t0:.1f} s; `chimerax {files['refine.cxc']}` shows the refined model in its map")
+
+
+from ._batch import batch as _batch  # noqa: E402  (the command's code lives in _batch.py)
+
+app.command(name="batch")(_batch)
 
 
 def main() -> None:  # pragma: no cover - entry point
