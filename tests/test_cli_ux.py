@@ -28,7 +28,7 @@ def test_default_install_has_every_feature_and_ci_runs_the_readme_command():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
     assert {"jax-finufft", "biotite", "matplotlib"} <= names
-    assert set(project["optional-dependencies"]) <= {"tests", "docs", "cluster"}
+    assert set(project["optional-dependencies"]) <= {"tests", "docs", "cluster", "store"}  # heavy, optional parts
     readme = re.search(r"Run the tests.*?```bash\n(.*?)\n```", _readme(), re.S).group(1)
     ci = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == [readme]
