@@ -73,6 +73,7 @@ def test_demo_renders_scores_and_refines_with_readable_files(tmp_path):
             for m in re.finditer(r"^  (\S.*?)\s+(-?[\d.]+)\s+(-?[\d.]+)$", result.output, re.M)}
     assert rows["CC_mask"][1] > rows["CC_mask"][0] + 0.02
     assert rows["rmsd to the true (Å)"][1] < rows["rmsd to the true (Å)"][0]
+    assert abs(rows["mean B (Å², true 40)"][1] - 40.0) < 5.0  # B moves beside the coordinates
     written = sorted(p.name for p in out.iterdir())
     assert {"target.mrc", "score.json", "score.cxc", "score_qscore.defattr", "helix_refined.pdb",
             "helix_refined_shift.defattr", "refine.json", "refine.cxc"} <= set(written)

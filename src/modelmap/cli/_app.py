@@ -567,7 +567,7 @@ def refine(
 def demo(
     output_dir: Annotated[Path, typer.Option("-o", "--output-dir", help="Folder for the demo's files.")] = Path("modelmap-demo"),
     resolution: Annotated[float, typer.Option("-d", "--resolution", help="Resolution in Å.", callback=_positive)] = 3.0,
-    steps: Annotated[int, typer.Option("--steps", help="Refinement steps.", min=1)] = 20,
+    steps: Annotated[int, typer.Option("--steps", help="Refinement steps.", min=1)] = 40,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the target's displacement and noise.")] = 0,
 ) -> None:
     """Render, score and refine on data made here: an ideal α-helix (the model) and a noisy map of a
