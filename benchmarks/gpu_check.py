@@ -15,7 +15,8 @@ What it measures (GPU sizes; `--cpu` in brackets):
   - `26k`: 4YVS as deposited (26,430 atoms, the asymmetric unit of the EV71 VLP) on a 1 Å grid with
     5 Å padding [`small`: 3AJO, 1,654 atoms];
   - `317k`: 4YVS's biological assembly (`gemmi.make_assembly`, 180-mer, 317,160 atoms), 1 Å grid
-    [`large`: the assembly's first 3,000 atoms];
+    [`large`: the assembly's first 3,000 atoms]; and the same assembly's Gaussian map streamed by
+    8 z-slabs on one device (`stream_slabs`), with the device allocator's peak memory;
 - the batch API: 256 structures of ~3,000 atoms (compact regions of 7CEC: the whole residues
   nearest a random residue) into 64³ boxes of 1.5 Å voxels [16 × ~300 atoms, 32³]: `render_batch` end to end,
   and `render_stacked` forward and value_and_grad per method over the planned groups;
@@ -224,6 +225,29 @@ def mm_refine(model, density_map, resolution, restraints, steps):
         model, density_map, resolution, parameters=("xyz", "b"), restraints=restraints if restraints is not None else False,
         max_steps=steps, macro_cycles=1, progress=False,
     )
+
+
+def mm_stream(atoms, grid, resolution, n_slabs):
+    """The Gaussian map of `atoms` streamed by `n_slabs` z-slabs on the default device (`SlabPlan`,
+    `stream_slabs`): one compiled slab render, each slab copied to a numpy map on the host.
+    Returns (setup_s, first_s, second_s, slab description)."""
+    from modelmap.render import SlabPlan, slab_memory_bytes, stream_slabs
+
+    t0 = time.perf_counter()
+    volume = mm.GaussianMixtureVolume.from_atoms(atoms, resolution)
+    slabs = SlabPlan.build(mm.GaussianMixtureRenderFn(grid, sampling="average"), volume, n_slabs=n_slabs)
+    setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stream_slabs(slabs, volume)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stream_slabs(slabs, volume)
+    second = time.perf_counter() - t0
+    pad = slabs.render_fn.plan.pad
+    return setup, first, second, {
+        "n_slabs": slabs.n_slabs, "thickness": slabs.thickness,
+        "slab_working_bytes_estimate": slab_memory_bytes(grid, slabs.thickness, pad, int(atoms.positions.shape[0])),
+    }
 
 
 def mm_version() -> str:
@@ -533,6 +557,21 @@ class Check:
         if fwd and vag and fwd.get("median_s") and vag.get("median_s"):
             vag["ratio_to_forward"] = vag["median_s"] / fwd["median_s"]
             self.report.save()
+
+    # -- one large map streamed by z-slabs on one device --
+    def streamed(self, label: str, n_slabs: int = 8):
+        atoms, grid = self.inputs[label]
+        res = self.resolution("gaussian")
+
+        def run():
+            setup, first, second, desc = mm_stream(atoms, grid, res, n_slabs)
+            return {"setup_s": setup, "first_call_s": first, "median_s": second, **desc,
+                    "note": "stream_slabs: the device holds one slab and its working memory; memory: the "
+                            "device allocator's peak (peak_bytes_in_use) after the run"}
+
+        self.measure(f"render/gaussian_streamed/{label}", run, reserve=self.args.reserve_large_s, renderer="gaussian",
+                     size=label, n_atoms=int(atoms.positions.shape[0]), grid_shape_zyx=list(grid.shape),
+                     voxel_size=self.args.voxel, resolution=res)
 
     # -- batch --
     def batch_structures(self):
@@ -844,6 +883,7 @@ def main(argv=None) -> int:
             if r == "nufft" and on_gpu and doc["measurements"].get(f"render/nufft/{small}/forward", {}).get("status") != "ok":
                 continue  # it failed on the GPU at the small size already
             check.renderer(r, large)
+        check.streamed(large)
     if "nufft" in renderers and on_gpu and not args.no_nufft_cpu and importlib.util.find_spec("jax_finufft"):
         if doc["measurements"].get(f"render/nufft/{small}/forward", {}).get("status") == "error":
             check.renderer("nufft", small, device=jax.devices("cpu")[0], tag="@cpu")

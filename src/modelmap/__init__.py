@@ -48,10 +48,13 @@ from .render import (
     NufftRenderFn as NufftRenderFn,
     RenderBounds as RenderBounds,
     ShellRenderFn as ShellRenderFn,
+    SlabPlan as SlabPlan,
     SplatFourierRenderFn as SplatFourierRenderFn,
     UniformWindows as UniformWindows,
     WindowPlan as WindowPlan,
     render_model as render_model,
+    render_slabs as render_slabs,
+    stream_slabs as stream_slabs,
 )
 from . import batch as batch
 from . import scores as scores

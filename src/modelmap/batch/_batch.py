@@ -29,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from .._atoms import Atoms, validate_atoms
 from .._errors import InvalidAtomsError
 from .._grid import Grid
+from .._sharding import shard_leading
 from ..render import (
     AbstractRenderFn,
     GaussianMixtureRenderFn,
@@ -118,7 +120,7 @@ def _split(volumes: AbstractVolume):
 
 @eqx.filter_jit
 def render_stacked(
-    render_fn: AbstractRenderFn, volumes: AbstractVolume, batch_size: int | None = None
+    render_fn: AbstractRenderFn, volumes: AbstractVolume, batch_size: int | None = None, mesh: Mesh | None = None
 ) -> Float[Array, "B nz ny nx"]:
     """The map of every volume of a stacked batch: `lax.map` over the leading axis, `batch_size`
     volumes at a time (vmapped inside each step; `None`: all at once).
@@ -127,14 +129,26 @@ def render_stacked(
 
     - `render_fn`: a planned render function (`with_bounds`, or `with_plan` of the stacked batch).
     - `volumes`: volumes stacked on a leading axis (`stack_volumes`, `plan_batch`).
-    - `batch_size`: volumes per step, bounding the memory held at once.
+    - `batch_size`: volumes per step, bounding the memory held at once (per device with `mesh`).
+    - `mesh`: a `jax.sharding.Mesh`: the batch axis is split over all of its devices
+      (`jax.shard_map`), each device rendering its own run of volumes; only the render function's
+      arrays and the volumes' shared tables are replicated (`modelmap._sharding.shard_leading`).
+      `None`: one device.
 
-    **Returns:** `(B, nz, ny, nx)`; differentiable with respect to `volumes` (and `render_fn`'s arrays).
+    **Returns:** `(B, nz, ny, nx)` (sharded over `mesh` when given); differentiable with respect to
+    `volumes` (and `render_fn`'s arrays).
     """
     dynamic, static = _split(volumes)
-    n = jax.tree_util.tree_leaves(dynamic)[0].shape[0]
-    return lax.map(lambda d: render_fn(eqx.combine(d, static)), dynamic,
-                   batch_size=None if batch_size is None else min(int(batch_size), n))
+
+    def run(d, shared):
+        fn, rest = shared
+        n = jax.tree_util.tree_leaves(d)[0].shape[0]
+        return lax.map(lambda x: fn(eqx.combine(x, rest)), d,
+                       batch_size=None if batch_size is None else min(int(batch_size), n))
+
+    if mesh is None:
+        return run(dynamic, (render_fn, static))
+    return shard_leading(run, mesh, dynamic, (render_fn, static))
 
 
 @eqx.filter_jit
@@ -381,16 +395,22 @@ def _render_fn(method: str, grid: Grid, sampling: str) -> AbstractRenderFn:
 
 
 def render_batch(
-    structures: Sequence[Atoms], resolution: float, *, batch_size: int | None = None, **options
+    structures: Sequence[Atoms], resolution: float, *, batch_size: int | None = None, mesh: Mesh | None = None,
+    **options,
 ) -> BatchMaps:
     """Render one map per structure (see `plan_batch` for the arguments; `batch_size` structures are
     rendered at a time inside each bucket's `lax.map`; `None`: `default_batch_size()`).
+
+    With `mesh` (a `jax.sharding.Mesh`) every group's structures are split over the mesh's devices
+    (`render_stacked(..., mesh=mesh)`), each device rendering its share; the maps are the same as
+    on one device. Across hosts, call `jax.distributed.initialize()` first and build the mesh over
+    `jax.devices()` (docs: how-to "Sharding over devices and hosts").
 
     **Returns:** `BatchMaps` with `maps` `(B, nz, ny, nx)` in input order and each map's origin.
     """
     groups = plan_batch(structures, resolution, **options)
     batch_size = default_batch_size() if batch_size is None else batch_size
-    rendered = [render_stacked(g.render_fn, g.volumes, batch_size) for g in groups]
+    rendered = [render_stacked(g.render_fn, g.volumes, batch_size, mesh) for g in groups]
     origins = np.zeros((len(structures), 3))
     for g in groups:
         origins[list(g.indices)] = g.origins

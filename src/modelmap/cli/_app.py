@@ -166,8 +166,12 @@ def render_to_files(
     atom_b: float = 0.0,
     n_terms: int = 6,
     models: str | None = None,
+    assembly: str | None = None,
 ) -> dict:
     """Read a model, render its map, write the map (and a ChimeraX script). Returns a summary.
+
+    `assembly` names a biological assembly of the file to render instead of its coordinates as
+    they are (`read_model(..., assembly=...)`).
 
     A multi-model file (NMR models, MD frames) renders the mean map of its models, or of those
     selected by `models` (model numbers as in the file: "1,3,5-8").
@@ -190,7 +194,7 @@ def render_to_files(
     check_map_path(output)
     if method == "shells" and sampling != "point":
         raise ValueError("--method shells samples the map at grid points only: leave out --sampling average")
-    model = io.read_model(model_path, hydrogens=hydrogens, waters=waters, altloc=altloc)
+    model = io.read_model(model_path, hydrogens=hydrogens, waters=waters, altloc=altloc, assembly=assembly)
     if like is not None:
         grid = io.read_map(like).grid
     else:
@@ -337,6 +341,8 @@ def render(
     cxc: Annotated[bool, typer.Option("--cxc/--no-cxc", help="Also write a ChimeraX script that opens model and map.")] = True,
     models: Annotated[Optional[str], typer.Option("--models", help="Multi-model files: the models to average, by number "
                                                   "(e.g. 1,3,5-8); default all.")] = None,
+    assembly: Annotated[Optional[str], typer.Option("--assembly", help="Render this biological assembly of the file (e.g. 1; "
+                                                    "gemmi make_assembly) instead of its coordinates as they are.")] = None,
 ) -> None:
     """Render the model map of MODEL and write it as MRC (plus a ChimeraX .cxc).
 
@@ -351,7 +357,7 @@ def render(
             model, resolution if resolution is not None else 0.0, output, like=like, voxel_size=voxel_size,
             padding=padding, table=table.value, method=method.value, sampling=sampling.value, hydrogens=hydrogens,
             waters=waters, altloc=altloc.value, cxc=cxc, resolution_from_b=resolution_from_b,
-            local_resolution=local_resolution, atom_b=atom_b, n_terms=terms, models=models,
+            local_resolution=local_resolution, atom_b=atom_b, n_terms=terms, models=models, assembly=assembly,
         )
     except (ModelmapError, FileExistsError, ValueError, ImportError) as err:
         _fail(str(err))

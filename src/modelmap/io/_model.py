@@ -151,6 +151,7 @@ def read_model(
     waters: bool = True,
     altloc: Literal["all", "first"] = "all",
     models: Literal["first", "all"] = "all",
+    assembly: str | None = None,
     dtype=jnp.float32,
 ) -> AtomicModel:
     """Read a PDB or mmCIF file (optionally gzipped) into an `AtomicModel`.
@@ -165,6 +166,12 @@ def read_model(
       summed occupancy of the conformers of that atom (capped at 1).
     - `models`: `"all"` stacks every model of a multi-model file into an ensemble (leading axis);
       `"first"` reads only the first model.
+    - `assembly`: the name of a biological assembly of the file (mmCIF `_pdbx_struct_assembly.id`,
+      PDB REMARK 350 `BIOMOLECULE`, e.g. `"1"`): the model becomes that assembly, built by
+      `gemmi.make_assembly` (every operator applied to its chains; copied chains are named by
+      appending the copy's number, e.g. `A` → `A2`); `structure` is then the assembly's, and
+      `write_model` writes the assembly. An unknown name is an error naming those available.
+      `None`: the file's coordinates as they are (often the asymmetric unit).
     - `dtype`: float dtype of positions, B and occupancies.
 
     **Returns:** an `AtomicModel`.
@@ -182,10 +189,29 @@ def read_model(
     except Exception as err:  # gemmi raises RuntimeError/ValueError with a parser message
         raise ModelFileError(f"{path}: cannot read it as a PDB or mmCIF model ({err})") from err
     structure.setup_entities()
+    if assembly is not None:
+        structure = _assembly(structure, str(assembly), path)
     return model_from_structure(
         structure, hydrogens=hydrogens, waters=waters, altloc=altloc, models=models, path=path,
         dtype=dtype,
     )
+
+
+def _assembly(structure: gemmi.Structure, name: str, path: Path) -> gemmi.Structure:
+    """A structure holding the biological assembly `name` of `structure`'s models (gemmi)."""
+    names = [a.name for a in structure.assemblies]
+    if name not in names:
+        have = ", ".join(repr(n) for n in names) if names else "none (the file defines no assembly)"
+        raise ModelFileError(f"{path}: no assembly {name!r}; the assemblies defined are: {have}")
+    how = gemmi.HowToNameCopiedChain.AddNumber
+    out = structure.clone()
+    out.assemblies.clear()  # its coordinates are the assembly now
+    for i in range(len(out) - 1, -1, -1):
+        del out[i]
+    for m in structure:
+        out.add_model(gemmi.make_assembly(structure.assemblies[names.index(name)], m, how))
+    out.setup_entities()
+    return out
 
 
 def _source_cif_document(model: AtomicModel):

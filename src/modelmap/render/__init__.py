@@ -4,6 +4,13 @@ from ._base import AbstractRenderFn as AbstractRenderFn, RenderBounds as RenderB
 from ._gaussian_mixture import GaussianMixtureRenderFn as GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn as NufftRenderFn
 from ._shells import ShellRenderFn as ShellRenderFn
+from ._slabs import (
+    SlabPlan as SlabPlan,
+    render_slabs as render_slabs,
+    slab_memory_bytes as slab_memory_bytes,
+    stream_slabs as stream_slabs,
+    stream_value_and_grad as stream_value_and_grad,
+)
 from ._splat_fourier import SplatFourierRenderFn as SplatFourierRenderFn, aliasing_blur as aliasing_blur
 from ._windows import (
     AbstractWindowPlan as AbstractWindowPlan,

@@ -19,6 +19,7 @@ from ._base import AbstractRenderFn, is_traced
 from ._gaussian_mixture import GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn
 from ._shells import ShellRenderFn
+from ._slabs import SlabPlan, stream_slabs
 from ._splat_fourier import SplatFourierRenderFn
 
 METHODS = ("gaussian", "fourier", "shells")
@@ -67,6 +68,12 @@ def render_model(
       sampled at the grid points (`"average"` is refused for it).
     - `n_terms`: terms kept per atom by the shell method (6 by default; 12-16 for a precise map).
 
+    Memory: the Gaussian and shell maps are rendered whole when the map and its working memory fit
+    the memory limit (`$MODELMAP_MEMORY_LIMIT`, else the device's or the machine's memory), else
+    streamed by z-slabs (`SlabPlan`, `stream_slabs`: the same map, returned as a numpy array); a
+    grid whose slabs cannot fit either is a `GridTooLargeError` naming the sizes, before anything
+    of its size is allocated.
+
     **Returns:** the map `(nz, ny, nx)` (Å⁻² for the electron table, e/Å³ for X-ray).
     """
     if method not in METHODS:
@@ -84,11 +91,14 @@ def render_model(
     if method == "shells" and sampling != "point":
         raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
     volume = volume_for_method(method, atoms, resolution, table, n_terms)
-    if method == "shells":
-        return ShellRenderFn(grid)(volume)
     if method == "fourier":
         return fourier_render_fn(grid, sampling)(volume)
-    return GaussianMixtureRenderFn(grid, sampling=sampling)(volume)
+    fn = ShellRenderFn(grid) if method == "shells" else GaussianMixtureRenderFn(grid, sampling=sampling)
+    if isinstance(atoms, Ensemble):
+        return fn(volume)
+    # the fewest z-slabs whose working memory fits (1: the whole map at once)
+    slabs = SlabPlan.build(fn, volume)
+    return fn(volume) if slabs.n_slabs == 1 else stream_slabs(slabs, volume)
 
 
 def volume_for_method(method: str, atoms, resolution, table: str = "electron", n_terms: int = DEFAULT_SHELL_TERMS):
