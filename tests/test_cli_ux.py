@@ -178,6 +178,9 @@ def test_warnings_are_one_line_and_bad_atoms_are_named(tmp_path, shared_data):
     assert re.search(r"^warning: \S+m\.mrc: the origin \(145\.825, 112\.825, 120\.517\) Å is not a whole number",
                      result.output, re.M), result.output
     assert "UserWarning" not in result.output and "warnings.warn" not in result.output
+    # the peptide lies far outside that crop: said, and the map written is empty
+    assert re.search(r"^warning: 0 of \d+ atoms lie inside \S+'s box; the map is empty", result.output, re.M)
+    assert not np.any(mm.read_map(tmp_path / "m.mrc").data)
     text = model.read_text().splitlines()
     k = next(i for i, line in enumerate(text) if line.startswith("ATOM") and line[12:26] == " CA  ALA A   2")
     text[k] = text[k][:30] + "     nan" + text[k][38:]

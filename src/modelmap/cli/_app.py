@@ -197,6 +197,10 @@ def render_to_files(
     model = io.read_model(model_path, hydrogens=hydrogens, waters=waters, altloc=altloc, assembly=assembly)
     if like is not None:
         grid = io.read_map(like).grid
+        inside = grid.contains(model.atoms.positions)
+        if not inside.all():
+            warnings.warn(f"{int(inside.sum())} of {inside.size} atoms lie inside {like}'s box"
+                          + ("; the map is empty" if not inside.any() else ""), stacklevel=2)
     else:
         grid = Grid.around_positions(model.atoms.positions, voxel_size, padding)
     grid.check_fits_in_memory()

@@ -19,7 +19,7 @@ from ._base import AbstractRenderFn, is_traced
 from ._gaussian_mixture import GaussianMixtureRenderFn
 from ._nufft import NufftRenderFn
 from ._shells import ShellRenderFn
-from ._slabs import SlabPlan, stream_slabs
+from ._slabs import NoAtomOnGridError, SlabPlan, stream_slabs
 from ._splat_fourier import SplatFourierRenderFn
 
 METHODS = ("gaussian", "fourier", "shells")
@@ -97,7 +97,10 @@ def render_model(
     if isinstance(atoms, Ensemble):
         return fn(volume)
     # the fewest z-slabs whose working memory fits (1: the whole map at once)
-    slabs = SlabPlan.build(fn, volume)
+    try:
+        slabs = SlabPlan.build(fn, volume)
+    except NoAtomOnGridError:
+        return fn(volume)  # an empty map, as the whole grid renders it
     return fn(volume) if slabs.n_slabs == 1 else stream_slabs(slabs, volume)
 
 

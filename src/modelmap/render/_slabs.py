@@ -65,6 +65,10 @@ def slab_memory_bytes(grid: Grid, thickness: int, pad: tuple[int, int, int], n_a
     return int(SLAB_COPIES * padded * itemsize + BYTES_PER_ATOM * n_atoms)
 
 
+
+class NoAtomOnGridError(ValueError):
+    """No atom's window reaches the grid: the map is zero, and there is nothing to split."""
+
 class SlabPlan(eqx.Module):
     """A grid cut into z-slabs, each with the atoms whose windows reach it (see the module docs).
 
@@ -179,7 +183,7 @@ class SlabPlan(eqx.Module):
             masks.append(jnp.asarray(mask.reshape(n_slabs, nc, c)))
             buckets.append(WindowBucket(b.half_width, jnp.zeros((1, c), jnp.int32), jnp.zeros((1, c), bool)))
         if not buckets:
-            raise ValueError("no atom's window reaches the grid")
+            raise NoAtomOnGridError("no atom's window reaches the grid")
         template = WindowPlan(tuple(buckets), plan.max_variance, plan.n_sigma, plan.pad)
         slab_fn = eqx.tree_at(lambda r: r.plan, dataclasses.replace(probe, grid=slab_grid), template)
         return cls(slab_fn, tuple(indices), tuple(masks), jnp.asarray(z, volume.positions.dtype), grid, t,
