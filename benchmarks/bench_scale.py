@@ -219,10 +219,11 @@ def _series_plot(results, series: str, x_of, xlabel: str, what: str, path: Path,
 
 
 def plots(results: list[dict], stem: Path) -> list[str]:
+    boxes = sorted({r["box"] for r in results if r.get("series") == "grid" and "box" in r}) or [64, 256]
     return [
         _series_plot(results, "atoms", lambda r: r["n_atoms"], "atoms (4YVS assembly, first n; 1 Å grid around them)",
                      "atoms", stem.with_name(stem.name + "_atoms.png"), True),
-        _series_plot(results, "grid", lambda r: r["box"] ** 3, "grid points (64³ ... 256³), 10k atoms", "grid size",
+        _series_plot(results, "grid", lambda r: r["box"] ** 3, f"grid points ({boxes[0]}³ ... {boxes[-1]}³), 10k atoms", "grid size",
                      stem.with_name(stem.name + "_grid.png"), False),
     ]
 
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     atoms_series = [1000, 10000, 100000, None] if not a.quick else [1000, 30000, None]
-    boxes = [64, 128, 256] if not a.quick else [64, 128, 256]
+    boxes = [64, 128, 256, 512] if not a.quick else [64, 128, 256]
     print(f"{'case':28s} {'atoms':>9} {'grid x,y,z':>13} {'fwd s':>9} {'vag s':>9} {'1st fwd':>9} {'RSS GB':>7}")
     results = []
     for n in atoms_series:
