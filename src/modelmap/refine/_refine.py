@@ -10,10 +10,11 @@ run is one compiled call with no host round-trip per step. Between runs, on the 
   as Phenix's weight search lowers the data weight when geometry degrades;
 - **contacts**: a run stops as soon as any atom has moved by more than half the non-bonded list's
   buffer since the list was built; the list is rebuilt and the run goes on (a Verlet list);
-- **render plans**: the model map is planned for every atom's B up to `B + max(b_window, B)` of
-  its start; a run stops when an atom reaches that ceiling, and the host re-plans that atom for
-  the physical bound (one compilation; a run that went on would hold it at the ceiling). B is
-  bounded only by the physical `b_bounds` (1-500 Å² by default).
+- **render plans**: the model map is planned for every atom's B up to `B + max(b_window, B)`; a
+  run stops when an atom reaches that ceiling (a run that went on would hold it there), and the
+  host re-plans every atom around its B, dealing the new windows into the compiled plan's buckets
+  and spare slots where they fit (`WindowPlan.refit`: no recompilation), else planning afresh. B
+  is bounded only by the physical `b_bounds` (1-500 Å² by default).
 
 Each run starts from the model its predecessor ended with (the parameters are folded into the
 model, the L-BFGS memory restarts).
@@ -412,6 +413,8 @@ def _balance_units(pr: _Problem, parts: Callable, gm: np.ndarray, gg: np.ndarray
     and L-BFGS, scaled to it, took steps in B too short to move: the demo's helix kept its mean B
     at 20.2 Å² against a target's 40 after 60 steps. The curvature of each kind is measured along
     a random ±0.1-unit direction of that kind alone, at the map weight `w`."""
+    if not ({"xyz", "rigid"} & set(pr.u) and set(_UNIT_ARGS) & set(pr.u)):
+        return  # nothing to balance against the coordinates
     keys = sorted(pr.u)
     sizes = [int(np.prod(pr.u[k].shape)) for k in keys]
     cuts = np.cumsum([0, *sizes])
