@@ -43,6 +43,7 @@ compiled run): ensembles, conformations, perturbed copies; each converges as it 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from typing import Callable, Literal, Sequence
@@ -87,10 +88,30 @@ class _Objective(eqx.Module):
 
 
 class _Monitor(eqx.Module):
-    """What the host callback receives besides the scalars: the atoms of the current point."""
+    """What the host callback receives besides the scalars: which reporter it is for (`tag`, a
+    traced array, so that a new refinement reuses the compiled run) and, when `atoms`, the atoms of
+    the current point."""
+
+    tag: Array
+    atoms: bool = eqx.field(static=True)
 
     def __call__(self, u, args):
-        return build(u, args)
+        return self.tag, (build(u, args) if self.atoms else None)
+
+
+# The host ends of running refinements' callbacks, by tag. The compiled run calls `_report`, one
+# module-level function (a static argument of `minimise` that is the same object in every call),
+# which hands the values to the run's own `_Reporter`: a reporter made per call and passed to
+# `minimise` itself would be a new static argument, and every call to `refine` would recompile.
+_REPORTERS: dict[int, "_Reporter"] = {}
+_TAGS = itertools.count()
+
+
+def _report(step, value, aux, extra) -> None:
+    tag, atoms = extra
+    reporter = _REPORTERS.get(int(tag))
+    if reporter is not None:
+        reporter(step, value, aux, atoms)
 
 
 def _needs_host(aux):
@@ -447,7 +468,7 @@ class _Reporter:
     def __call__(self, step, value, aux, extra):
         self.progress.update(self.offset + int(step), value, aux)
         if self.callback is not None and not (int(step) == 0 and self.offset > 0):  # a run's start: seen already
-            pos, b, occ, res = (None if x is None else np.asarray(x) for x in extra)
+            pos, b, occ, res = (None if x is None else np.asarray(x) for x in extra)  # the atoms
             self.callback(self.offset + int(step), Atoms(pos, np.asarray(self.problem.atoms.atomic_numbers), b, occ),
                           res if self.refine_res else None)
 
@@ -476,12 +497,16 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
     bar = Progress(progress and not batched, cfg.max_steps)
     reporter = _Reporter(bar, callback, problems[0], problems[0].refine_res) if (
         not batched and (bar.enabled or callback is not None)) else None
-    monitor = _Monitor() if callback is not None and not batched else None
+    monitor = None
+    if reporter is not None:
+        tag = next(_TAGS)
+        _REPORTERS[tag] = reporter
+        monitor = _Monitor(jnp.asarray(tag, jnp.int32), callback is not None)
 
     def run(st: Static, u, args, budget: int):
         """One compiled run of one structure (the same compiled function for every call)."""
         return minimise(_Objective(st), solver, u, args, per_run, jnp.asarray(budget, jnp.int32), _needs_host,
-                        reporter, cfg.progress_every, monitor)
+                        None if reporter is None else _report, cfg.progress_every, monitor)
 
     def weigh(pr: _Problem, st: Static, cycle: int) -> None:
         """The automatic map weight at the start of a run (module docs)."""
@@ -603,6 +628,8 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
             cycle += 1
     finally:
         bar.close()
+        if monitor is not None:
+            _REPORTERS.pop(int(monitor.tag), None)
 
 
 @eqx.filter_jit
