@@ -10,7 +10,7 @@ run is one compiled call with no host round-trip per step. Between runs, on the 
   as Phenix's weight search lowers the data weight when geometry degrades;
 - **contacts**: a run stops as soon as any atom has moved by more than half the non-bonded list's
   buffer since the list was built; the list is rebuilt and the run goes on (a Verlet list);
-- **render plans**: the model map is planned for every atom's B up to `B + max(b_window, B)`; a
+- **render plans**: the model map is planned for every atom's B up to `B + max(b_window, B/2)`; a
   run stops when an atom reaches that ceiling (a run that went on would hold it there), and the
   host re-plans every atom around its B, dealing the new windows into the compiled plan's buckets
   and spare slots where they fit (`WindowPlan.refit`: no recompilation), else planning afresh. B
@@ -173,8 +173,14 @@ def _as_inputs(model, target, grid):
 
 
 def _b_ceiling(b: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """Each atom's highest B in a run's render plan: B + max(b_window, B), at most the upper bound."""
-    return np.minimum(b + np.maximum(cfg.b_window, b), cfg.b_bounds[1])
+    """Each atom's highest B in a run's render plan: B + max(b_window, B/2), at most the upper bound.
+
+    The windows' cost grows with the ceiling (their volume as (B + B_D)^{3/2}): B + max(b_window, B)
+    made a step of the synthetic 7CEC xyz+B case 1.7 times as slow as B + b_window. An atom that
+    reaches its ceiling stops the run and every atom is re-planned around its B (module docs); the
+    re-plan is dealt into the compiled windows' free slots (`_n_spare`), so it costs a restart of the
+    solver, not a compilation."""
+    return np.minimum(b + np.maximum(cfg.b_window, 0.5 * b), cfg.b_bounds[1])
 
 
 def _window_plans(render_fn) -> list[WindowPlan]:
@@ -188,8 +194,12 @@ def _replace_plans(render_fn, plans: list[WindowPlan]):
 
 
 def _n_spare(n: int) -> int:
-    """Free window slots for atoms re-planned for the upper B bound: 1/32 of the atoms, at least 64."""
-    return max(64, n // 32)
+    """Free window slots for atoms re-planned for the upper B bound: a quarter of the atoms, at least 64.
+
+    Free slots cost no work (a chunk of free slots is skipped, `render._windows`), only their
+    indices; with few of them (1/32 of the atoms) a B-only run from a flat start re-planned into a new
+    shape and compiled its loop a second time."""
+    return max(64, n // 4)
 
 
 def _with_spare(render_fn, at_bound, n_spare: int):
@@ -203,26 +213,42 @@ def _with_spare(render_fn, at_bound, n_spare: int):
     return _replace_plans(render_fn, spare)
 
 
-def _keep_shapes(new_fn, old_fn, grid: Grid):
-    """`new_fn` with its windows dealt into `old_fn`'s buckets (`WindowPlan.refit`), so that the
-    compiled run takes it without recompiling; None where they do not fit."""
-    new, old = _window_plans(new_fn), _window_plans(old_fn)
+def _same_compiled_shape(a, b) -> bool:
+    """Whether two render functions are the same to `jit`: equal static parts, equal array shapes."""
+    (da, sa), (db, sb) = eqx.partition(a, eqx.is_array), eqx.partition(b, eqx.is_array)
+    if jax.tree_util.tree_structure(sa) != jax.tree_util.tree_structure(sb):
+        return False
+    shapes = lambda d: [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(d)]  # noqa: E731
+    return jax.tree_util.tree_structure(da) == jax.tree_util.tree_structure(db) and shapes(da) == shapes(db)
+
+
+def _keep_shapes(required_fn, old_fn, into_fn, grid: Grid):
+    """`into_fn` (planned like `old_fn`) with the windows of `required_fn` dealt into `old_fn`'s
+    buckets (`WindowPlan.refit`), so that the compiled run takes it without recompiling; None where
+    they do not fit."""
+    new, old = _window_plans(required_fn), _window_plans(old_fn)
     if len(new) != len(old) or not new:
         return None
     refit = [o.refit(grid, q) for o, q in zip(old, new)]
-    return None if any(r is None for r in refit) else _replace_plans(new_fn, refit)
+    if any(r is None for r in refit):
+        return None
+    fn = _replace_plans(into_fn, refit)
+    return fn if _same_compiled_shape(fn, old_fn) else None
 
 
 def _model_map_fn(plan: Callable, ceiling: np.ndarray, cfg: RefineConfig, grid: Grid, old=None):
     """The model map's render function for B up to `ceiling` (`plan(ceiling, exact)` plans one):
     `old`'s windows re-dealt where they hold the new ones (no recompilation), else a new plan
     with spare windows for `_n_spare` atoms at the upper B bound."""
+    fresh = plan(ceiling, False)
     if old is not None:
-        fn = _keep_shapes(plan(ceiling, True), old, grid)
+        # the windows each atom needs come from the exact plan; the function that takes them is
+        # planned like `old` (an exact plan's render function has other static settings)
+        fn = _keep_shapes(plan(ceiling, True), old, fresh, grid)
         if fn is not None:
             return fn
     n = len(ceiling)
-    return _with_spare(plan(ceiling, False), plan(np.full(n, cfg.b_bounds[1]), False), _n_spare(n))
+    return _with_spare(fresh, plan(np.full(n, cfg.b_bounds[1]), False), _n_spare(n))
 
 
 def _render_fn(grid: Grid, pos, z, b_ceiling, occ, res, per_atom: bool, cfg: RefineConfig, refine_res: bool,

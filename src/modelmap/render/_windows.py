@@ -481,7 +481,9 @@ def _bucket_splatter(
         return lax.fori_loop(0, P.shape[0], body, m)
 
     def add_chunk(m, args):
-        return by_platform(add_chunk_loop, add_chunk_scatter, m, *args), None
+        # a chunk of free slots only (the spare room of `WindowPlan.with_spare`/`refit`) is skipped
+        return lax.cond(jnp.any(args[1]), lambda m_: by_platform(add_chunk_loop, add_chunk_scatter, m_, *args),
+                        lambda m_: m_, m), None
 
     @jax.custom_vjp
     def splat(m, P, mask, *S):
@@ -535,10 +537,14 @@ def _bucket_splatter(
             # offsets are (voxel − position): d offset / d position = −1 along each axis
             return None, (-g_offsets, *pull(ct_tables))
 
-        if forward_kernel is not None:
-            chunk_grad = chunk_grad_tables  # noqa: F811
+        chunk_grad_live = chunk_grad_tables if forward_kernel is not None else chunk_grad
 
-        _, grads = lax.scan(chunk_grad, None, (P, mask, *S))
+        def chunk_grad_or_skip(_, args):
+            # zeros for a chunk of free slots, as the forward skips it
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, (args[0], *args[2:]))
+            return None, lax.cond(jnp.any(args[1]), lambda: chunk_grad_live(None, args)[1], lambda: zeros)
+
+        _, grads = lax.scan(chunk_grad_or_skip, None, (P, mask, *S))
         g_mask = np.zeros(mask.shape, jax.dtypes.float0)
         return (g, grads[0], g_mask, *grads[1:])
 
