@@ -261,6 +261,26 @@ def test_a_second_refinement_with_a_callback_compiles_nothing():
     assert [s for t, s in seen if t == "second"] == list(r.history["step"])
 
 
+def test_b_from_a_flat_start_re_plans_without_recompiling():
+    """Atoms whose B reaches the render plan's ceiling stop the run; every atom is re-planned around
+    its B and dealt into the compiled plan's spare slots, so the loop compiles once (the b-flat case
+    of the issue compiled it twice: the re-plan's render function had another static setting)."""
+    model = _helix()
+    grid, target = _target(model)
+    truth = model.atoms
+    bt = np.asarray(truth.b_factors)
+    flat = Atoms(truth.positions, truth.atomic_numbers, np.full(truth.n_atoms, 20.0), truth.occupancies)
+    from modelmap.refine._solver import minimise
+
+    minimise._cached.clear_cache()
+    r = refine(flat, target, 3.0, grid=grid, parameters=("b",), restraints=False, max_steps=60, progress=False,
+               b_window=10.0)
+    b = np.asarray(r.atoms.b_factors)
+    assert any("reached their B ceiling" in e for e in r.events), r.events
+    assert minimise._cached._cache_size() == 1  # one compiled loop for every run
+    assert np.sqrt(np.mean((b - bt) ** 2)) <= 2.0
+
+
 def test_refine_occupancy():
     model = _helix()
     truth = model.atoms
