@@ -19,3 +19,13 @@ from ._fourier import (
     window_transfer as window_transfer,
 )
 from ._output import write_analysis as write_analysis
+from ._sharpen import (
+    GuinierFit as GuinierFit,
+    SharpenError as SharpenError,
+    amplitude_profile as amplitude_profile,
+    band_transfers as band_transfers,
+    guinier_b as guinier_b,
+    local_amplitude_scale as local_amplitude_scale,
+    relative_b as relative_b,
+    sharpen as sharpen,
+)
