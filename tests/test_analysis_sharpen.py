@@ -136,6 +136,9 @@ def test_bad_inputs_are_refused():
         local_amplitude_scale(data, grid, data[:8], 3.0)
     with pytest.raises(SharpenError, match="zero everywhere"):
         local_amplitude_scale(data, grid, np.zeros_like(data), 3.0)
+    coarse = Grid((32, 32, 32), 2.0)
+    with pytest.warns(UserWarning, match="finer than about 5"):
+        guinier_b(np.random.default_rng(1).normal(size=coarse.shape).astype(np.float32), coarse, 6.0, d_low=15.0)
     bad = data.copy()
     bad[0, 0, 0] = np.nan
     with pytest.raises(SharpenError, match="NaN"):
@@ -155,7 +158,10 @@ def test_cli_writes_maps_json_cxc_and_plot(crambin, tmp_path, shared_data):
         written = mm.read_map(tmp_path / "out" / f"crn_{name}.mrc")
         assert written.grid.same_as(grid)
     assert (tmp_path / "out" / "crn.cxc").exists() and (tmp_path / "out" / "crn_guinier.png").exists()
-    assert summary["guinier"]["b"] > 60.0
+    # with a model the global B is the map's Guinier B minus the B = 0 model map's: the blur added
+    assert summary["global"]["b_applied"] == pytest.approx(60.0, abs=4.0)
+    assert summary["global"]["b_applied"] == pytest.approx(
+        summary["guinier"]["b"] - summary["model_map"]["guinier_b_at_b0"], abs=1e-6)
     assert summary["scores"]["global"]["cc_mask"] > summary["scores"]["original"]["cc_mask"]
     assert summary["scores"]["local"]["q_mean"] > summary["scores"]["original"]["q_mean"]
     # bad input: a resolution finer than the grid's Nyquist limit is one line, exit code 2

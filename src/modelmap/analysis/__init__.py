@@ -24,6 +24,7 @@ from ._sharpen import (
     SharpenError as SharpenError,
     amplitude_profile as amplitude_profile,
     band_transfers as band_transfers,
+    default_window as default_window,
     guinier_b as guinier_b,
     local_amplitude_scale as local_amplitude_scale,
     relative_b as relative_b,

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import enum
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ._app import _fail, _positive, check_outputs
+
+
+# the model map (model's B) may fall off this much faster than the map (Guinier B, Å²) before a warning
+MODEL_B_EXCESS = 30.0
 
 
 class ModelB(str, enum.Enum):
@@ -45,9 +50,10 @@ def sharpen_to_files(
 
     - `map_path`: the map; `resolution`: its resolution D (Å).
     - `prefix`: output path prefix.
-    - `model_path`: a model: adds the local amplitude scaling, the B relative to the model's B = 0
-      map, and CC_mask / mean Q of each map (against the model map at B = 0, D) to the summary.
-    - `b`: the B (Å²) to remove globally instead of the Guinier fit's.
+    - `model_path`: a model: adds the local amplitude scaling, makes the global B the map's Guinier B
+      minus that of the model map at B = 0 (so the global map falls off like the model, not flat), and
+      adds CC_mask / mean Q of each map (against the model map at B = 0, D) to the summary.
+    - `b`: the B (Å²) to remove globally instead of the fitted one.
     - `d_low`: the low-resolution end of the Guinier fit (Å).
     - `window`, `n_bands`: of `local_amplitude_scale`.
     - `model_b`: the model map of the local scaling with the model's B (`"model"`) or B = 0 (`"zero"`).
@@ -59,7 +65,7 @@ def sharpen_to_files(
     import numpy as np
 
     from .. import io
-    from ..analysis import amplitude_profile, guinier_b, local_amplitude_scale, sharpen, write_analysis
+    from ..analysis import amplitude_profile, default_window, guinier_b, local_amplitude_scale, sharpen, write_analysis
     from ..plots import guinier_figure, save_png
 
     t0 = time.perf_counter()
@@ -75,18 +81,14 @@ def sharpen_to_files(
     grid = density.grid
     data = np.asarray(density.data, np.float32)
     fit = guinier_b(data, grid, resolution, d_low)
-    b_applied = fit.b if b is None else float(b)
-    maps = {"global": np.asarray(sharpen(data, grid, b_applied, resolution))}
     summary: dict = {
         "map": str(map_path), "model": None if model_path is None else str(model_path), "resolution": resolution,
         "guinier": {"b": fit.b, "intercept": fit.intercept, "d_low": fit.d_low, "d_high": fit.d_high,
                     "rms_residual": fit.rms, "shells_used": int(fit.used.sum())},
-        "global": {"b_applied": b_applied, "from": "guinier fit" if b is None else "--b"},
     }
-    curves = {f"global (B = {b_applied:.1f} Å²)": amplitude_profile(maps["global"], grid)}
+    maps, curves, b_applied, b_from = {}, {}, fit.b, "the Guinier fit (the whole B: flat amplitudes)"
     if model_path is not None:
         from ..render import render_model
-        from ..scores import map_model_cc, q_score
 
         model = io.read_model(model_path)
         atoms = model.atoms
@@ -98,17 +100,34 @@ def sharpen_to_files(
                              f"extent {grid.extent} Å): is the map's origin right?")
         zero_b = type(atoms)(atoms.positions, atoms.atomic_numbers, np.zeros_like(atoms.b_factors), atoms.occupancies)
         model_zero = np.asarray(render_model(zero_b, grid, resolution, method="fourier", sampling="point"))
-        reference = model_zero if model_b == "zero" else np.asarray(
-            render_model(atoms, grid, resolution, method="fourier", sampling="point"))
-        maps["local"] = np.asarray(local_amplitude_scale(data, grid, reference, resolution, window=window,
-                                                         n_bands=n_bands))
         fit_zero = guinier_b(model_zero, grid, resolution, d_low)
+        b_applied, b_from = fit.b - fit_zero.b, "the Guinier fit relative to the model map at B = 0"
         summary["model_map"] = {"guinier_b_at_b0": fit_zero.b, "relative_b": fit.b - fit_zero.b,
                                 "atoms_inside": int(inside.sum()), "atoms": int(inside.size)}
-        summary["local"] = {"window": window if window is not None else max(2.0 * resolution, 3.0 * float(
-            np.max(grid.voxel_size))), "n_bands": n_bands, "model_b": model_b}
+        if model_b == "zero":
+            reference = model_zero
+        else:
+            reference = np.asarray(render_model(atoms, grid, resolution, method="fourier", sampling="point"))
+            b_model = guinier_b(reference, grid, resolution, d_low).b
+            summary["model_map"]["guinier_b_with_model_b"] = b_model
+            if b_model > fit.b + MODEL_B_EXCESS:
+                warnings.warn(f"the model map with the model's B falls off faster than the map (Guinier B {b_model:.0f} "
+                              f"vs {fit.b:.0f} Å²): the local scaling will blur the map (was it sharpened already?); "
+                              "refine B against this map, or use --model-b zero", stacklevel=2)
+        maps["local"] = np.asarray(local_amplitude_scale(data, grid, reference, resolution, window=window,
+                                                         n_bands=n_bands))
+        summary["local"] = {"window": window if window is not None else default_window(grid, resolution),
+                            "n_bands": n_bands if n_bands is not None else 8, "model_b": model_b}
         curves["local"] = amplitude_profile(maps["local"], grid)
         curves["model map, B = 0"] = amplitude_profile(model_zero, grid)
+    if b is not None:
+        b_applied, b_from = float(b), "--b"
+    maps = {"global": np.asarray(sharpen(data, grid, b_applied, resolution)), **maps}
+    curves = {f"global (B = {b_applied:.1f} Å²)": amplitude_profile(maps["global"], grid), **curves}
+    summary["global"] = {"b_applied": b_applied, "from": b_from}
+    if model_path is not None:
+        from ..scores import map_model_cc, q_score
+
         if scores:
             summary["scores"] = {}
             summary["scores_note"] = (f"CC_mask against the model map at B = 0 and {resolution:g} Å (Fourier map); "
@@ -145,17 +164,18 @@ def sharpen(
     d_low: Annotated[float, typer.Option("--d-low", help="Low-resolution end of the Guinier fit in Å.",
                                          callback=_positive)] = 10.0,
     window: Annotated[Optional[float], typer.Option("--window", help="Local scaling: σ of the Gaussian window in Å "
-                                                    "(default 2·D).", callback=_positive)] = None,
+                                                    "(default D, at least 2 voxels).", callback=_positive)] = None,
     bands: Annotated[Optional[int], typer.Option("--bands", min=1, help="Local scaling: frequency bands up to 1/D "
-                                                 "(default from the window, 4-16).")] = None,
+                                                 "(default 8).")] = None,
     model_b: Annotated[ModelB, typer.Option("--model-b", help="Local scaling: the model map with the model's B "
                                             "(LocScale's advice: refined B) or B = 0 (as sharp as the model).")] = ModelB.model,
     scores: Annotated[bool, typer.Option("--scores/--no-scores", help="With --model: CC and Q of the original and "
                                          "sharpened maps in the JSON.")] = True,
 ) -> None:
     """Sharpen MAP: a global B from its Guinier plot (ln|F| against s², 10 Å to D), removed and the map
-    low-passed at D; with --model also the model-based local amplitude scaling. Writes MRC maps on
-    MAP's grid, a .cxc, a JSON summary and a Guinier plot."""
+    low-passed at D (with --model the B relative to the model map at B = 0); with --model also the
+    model-based local amplitude scaling (LocScale's idea). Writes MRC maps on MAP's grid, a .cxc, a
+    JSON summary (B, CC_mask and Q of every map) and a Guinier plot."""
     from .._errors import ModelmapError
 
     prefix = output if output is not None else map.with_name(_map_stem(map) + "_sharpen")
@@ -166,7 +186,8 @@ def sharpen(
         _fail(str(err))
     g = s["guinier"]
     typer.echo(f"{map} at {resolution:g} Å: Guinier B {g['b']:.1f} Å² ({g['d_low']:g}-{g['d_high']:g} Å, "
-               f"{g['shells_used']} shells, rms residual {g['rms_residual']:.3f}); removed B {s['global']['b_applied']:.1f} Å²")
+               f"{g['shells_used']} shells, rms residual {g['rms_residual']:.3f})")
+    typer.echo(f"  global map: removed B {s['global']['b_applied']:.1f} Å² ({s['global']['from']})")
     if "model_map" in s:
         typer.echo(f"  model map at B = 0: Guinier B {s['model_map']['guinier_b_at_b0']:.1f} Å²; the map's B relative "
                    f"to it {s['model_map']['relative_b']:.1f} Å²")
