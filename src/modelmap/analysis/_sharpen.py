@@ -219,6 +219,7 @@ def local_amplitude_scale(
     n_bands: int | None = None,
     kernel: str = "gaussian",
     eps: float = 1e-2,
+    model_floor: float = 0.0,
     return_scales: bool = False,
 ):
     """Model-based local sharpening: the map's local radial amplitude profile scaled to the model map's.
@@ -258,6 +259,9 @@ def local_amplitude_scale(
     - `kernel`: `"gaussian"` or `"sphere"` (`window_transfer`).
     - `eps`: regularisation: the fraction of the band's mean map power added to its local power,
       so that a map with almost no power in a window is not amplified without bound.
+    - `model_floor`: the fraction of the band's mean model power added to its local model power:
+      0 (LocScale) scales density the model does not explain towards 0; a floor keeps some of it
+      (a band of a region without model is then scaled like the map's average, not to 0).
     - `return_scales`: also return the per-band scale maps `(n_bands, nz, ny, nx)`.
 
     **Returns:** the scaled map (float32) on the same grid, or `(map, scales)`.
@@ -294,6 +298,7 @@ def local_amplitude_scale(
         c = jnp.fft.irfftn(f_model * t, s=data.shape)
         p_map = jnp.maximum(local_mean(m * m, w), 0.0)
         p_model = jnp.maximum(local_mean(c * c, w), 0.0)
+        p_model = p_model + model_floor * jnp.mean(p_model)
         floor = eps * jnp.mean(p_map) + 1e-30
         scale = jnp.sqrt(p_model / (p_map + floor))
         out = out + m * scale

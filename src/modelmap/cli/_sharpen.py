@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._app import _fail, _positive, check_outputs
+from ._app import _fail, _not_negative, _positive, check_outputs
 
 
 # the model map (model's B) may fall off this much faster than the map (Guinier B, Å²) before a warning
@@ -41,6 +41,7 @@ def sharpen_to_files(
     window: float | None = None,
     n_bands: int | None = None,
     model_b: str = "model",
+    model_floor: float = 0.0,
     scores: bool = True,
 ) -> dict:
     """Sharpen a map and write `PREFIX_global.mrc` (and `PREFIX_local.mrc` with a model), `PREFIX.cxc`,
@@ -55,7 +56,7 @@ def sharpen_to_files(
       adds CC_mask / mean Q of each map (against the model map at B = 0, D) to the summary.
     - `b`: the B (Å²) to remove globally instead of the fitted one.
     - `d_low`: the low-resolution end of the Guinier fit (Å).
-    - `window`, `n_bands`: of `local_amplitude_scale`.
+    - `window`, `n_bands`, `model_floor`: of `local_amplitude_scale`.
     - `model_b`: the model map of the local scaling with the model's B (`"model"`) or B = 0 (`"zero"`).
     - `scores`: score every map against the model (needs `model_path`).
 
@@ -115,9 +116,10 @@ def sharpen_to_files(
                               f"vs {fit.b:.0f} Å²): the local scaling will blur the map (was it sharpened already?); "
                               "refine B against this map, or use --model-b zero", stacklevel=2)
         maps["local"] = np.asarray(local_amplitude_scale(data, grid, reference, resolution, window=window,
-                                                         n_bands=n_bands))
+                                                         n_bands=n_bands, model_floor=model_floor))
         summary["local"] = {"window": window if window is not None else default_window(grid, resolution),
-                            "n_bands": n_bands if n_bands is not None else 8, "model_b": model_b}
+                            "n_bands": n_bands if n_bands is not None else 8, "model_b": model_b,
+                            "model_floor": model_floor}
         curves["local"] = amplitude_profile(maps["local"], grid)
         curves["model map, B = 0"] = amplitude_profile(model_zero, grid)
     if b is not None:
@@ -169,6 +171,9 @@ def sharpen(
                                                  "(default 8).")] = None,
     model_b: Annotated[ModelB, typer.Option("--model-b", help="Local scaling: the model map with the model's B "
                                             "(LocScale's advice: refined B) or B = 0 (as sharp as the model).")] = ModelB.model,
+    model_floor: Annotated[float, typer.Option("--model-floor", help="Local scaling: fraction of each band's mean "
+                                               "model power added everywhere, so density the model lacks is kept "
+                                               "in part (0: LocScale, scaled towards 0).", callback=_not_negative)] = 0.0,
     scores: Annotated[bool, typer.Option("--scores/--no-scores", help="With --model: CC and Q of the original and "
                                          "sharpened maps in the JSON.")] = True,
 ) -> None:
@@ -181,7 +186,8 @@ def sharpen(
     prefix = output if output is not None else map.with_name(_map_stem(map) + "_sharpen")
     try:
         s = sharpen_to_files(map, resolution, prefix, model_path=model, b=b, d_low=d_low, window=window,
-                             n_bands=bands, model_b=model_b.value, scores=scores)
+                             n_bands=bands, model_b=model_b.value, model_floor=model_floor,
+                             scores=scores)
     except (ModelmapError, FileExistsError, ValueError, ImportError) as err:
         _fail(str(err))
     g = s["guinier"]

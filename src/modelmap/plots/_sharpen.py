@@ -43,13 +43,15 @@ def guinier_figure(fit, curves: dict[str, tuple[np.ndarray, np.ndarray]] | None 
     if resolution is not None and math.isfinite(resolution):
         ax.axvspan(1.0 / resolution**2, s2.max(), color="0.9", zorder=0, label=f"beyond {resolution:g} Å")
     ax.set_xlim(0.0, s2.max())
+    finite = fit.log_amplitude[np.isfinite(fit.log_amplitude)]
+    if finite.size:  # a low-passed curve plunges beyond D: keep the map's range in view
+        ax.set_ylim(finite.min() - 3.0, finite.max() + 0.5)
     ax.set_xlabel("s² (Å⁻²)")
     ax.set_ylabel("ln mean |F|")
     top = ax.secondary_xaxis("top")
     ticks = [d for d in _TICKS if 1.0 / d**2 <= s2.max()]
     top.set_xticks([1.0 / d**2 for d in ticks], [f"{d:g}" for d in ticks])
     top.set_xlabel("resolution (Å)")
-    ax.set_title("Guinier plot", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     return fig
