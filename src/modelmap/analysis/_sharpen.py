@@ -29,6 +29,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._errors import ModelmapError
 from .._grid import Grid
+from ..render._base import is_traced
 from ._fourier import (
     b_factor_filter,
     frequency_magnitude,
@@ -86,10 +87,14 @@ def _nyquist(grid: Grid) -> float:
 
 
 def _check_map(data, grid: Grid, what: str = "map") -> jnp.ndarray:
-    data = jnp.asarray(data, jnp.float32)
+    """The map as a float array on `grid` (float32 unless given float64 with x64 on); values are
+    checked when concrete (not under `jit`/`grad`)."""
+    data = jnp.asarray(data)
+    if not jnp.issubdtype(data.dtype, jnp.floating):
+        data = data.astype(jnp.float32)
     if tuple(data.shape) != tuple(grid.shape):
         raise SharpenError(f"the {what} has shape {tuple(data.shape)} but the grid is {tuple(grid.shape)}")
-    if not bool(jnp.all(jnp.isfinite(data))):
+    if not is_traced(data) and not np.isfinite(np.asarray(data)).all():
         raise SharpenError(f"the {what} holds NaN or infinite values")
     return data
 
@@ -179,9 +184,12 @@ def sharpen(
     - `resolution`: D (Å) of the low-pass, or `None` for none.
     - `width`: the low-pass edge's width as a fraction of 1/D.
 
-    **Returns:** the sharpened map on the same grid (float32).
+    **Returns:** the sharpened map on the same grid (float32; float64 for float64 input with x64 on).
     """
-    out = b_factor_filter(jnp.asarray(map, jnp.float32), grid, -jnp.asarray(b, jnp.float32))
+    data = jnp.asarray(map)
+    if not jnp.issubdtype(data.dtype, jnp.floating):
+        data = data.astype(jnp.float32)
+    out = b_factor_filter(data, grid, -jnp.asarray(b, data.dtype))
     if resolution is not None:
         out = lowpass(out, grid, float(resolution), width)
     return out
@@ -264,7 +272,8 @@ def local_amplitude_scale(
       (a band of a region without model is then scaled like the map's average, not to 0).
     - `return_scales`: also return the per-band scale maps `(n_bands, nz, ny, nx)`.
 
-    **Returns:** the scaled map (float32) on the same grid, or `(map, scales)`.
+    **Returns:** the scaled map on the same grid (the map's float dtype, float32 by default), or
+    `(map, scales)`.
 
     Raises `SharpenError` for maps on different grids, NaN values, a resolution beyond Nyquist or a
     model map without signal.
@@ -277,7 +286,7 @@ def local_amplitude_scale(
         raise SharpenError(f"the resolution must be a finite number above 0 Å, got {resolution}")
     if resolution < nyquist * (1 - 1e-6):
         raise SharpenError(f"resolution {resolution:g} Å is finer than the grid's Nyquist limit {nyquist:g} Å")
-    if not bool(jnp.any(model != 0)):
+    if not is_traced(model) and not np.any(np.asarray(model)):
         raise SharpenError("the model map is zero everywhere: is the model inside the map's box?")
     if window is None:
         window = default_window(grid, resolution)
@@ -304,7 +313,7 @@ def local_amplitude_scale(
         out = out + m * scale
         if return_scales:
             scales.append(scale)
-    out = out.astype(jnp.float32)
+    out = out.astype(data.dtype)
     if return_scales:
         return out, jnp.stack(scales)
     return out
