@@ -19,3 +19,14 @@ from ._fourier import (
     window_transfer as window_transfer,
 )
 from ._output import write_analysis as write_analysis
+from ._sharpen import (
+    GuinierFit as GuinierFit,
+    SharpenError as SharpenError,
+    amplitude_profile as amplitude_profile,
+    band_transfers as band_transfers,
+    default_window as default_window,
+    guinier_b as guinier_b,
+    local_amplitude_scale as local_amplitude_scale,
+    relative_b as relative_b,
+    sharpen as sharpen,
+)

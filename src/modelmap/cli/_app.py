@@ -648,6 +648,10 @@ from ._batch import batch as _batch  # noqa: E402  (the command's code lives in 
 
 app.command(name="batch")(_batch)
 
+from ._sharpen import sharpen as _sharpen  # noqa: E402  (the command's code lives in _sharpen.py)
+
+app.command(name="sharpen")(_sharpen)
+
 
 def main() -> None:  # pragma: no cover - entry point
     app()

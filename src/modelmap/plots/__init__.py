@@ -9,3 +9,4 @@ from ._score import (
     residue_figure as residue_figure,
     write_score_plots as write_score_plots,
 )
+from ._sharpen import guinier_figure as guinier_figure
