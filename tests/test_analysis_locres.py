@@ -98,7 +98,7 @@ def test_shells_are_a_partition_of_unity():
     width = 0.025
     for edge in (0.0, 0.5, 1.0):
         bounds = (jnp.arange(24, dtype=jnp.float32) - 0.5) * width
-        bands = jnp.stack([shell_transfer(s, bounds[k], bounds[k + 1], edge) for k in range(0, 23)])
+        bands = shell_transfer(s[None, :], bounds[:-1, None], bounds[1:, None], edge)  # (23, 2001)
         inside = s <= 21 * width
         assert float(jnp.max(jnp.abs(bands.sum(0)[inside] - 1.0))) < 1e-5
         assert float(bands.min()) >= 0.0
@@ -185,6 +185,9 @@ def test_cli_locres_refuses_maps_on_different_grids(tmp_path):
     assert result.exit_code == 2
     assert "not on the same grid" in result.output
     assert not (tmp_path / "x_resolution.mrc").exists()
+    # one map and no model: nothing to compare it with
+    result = CliRunner().invoke(app, ["locres", str(a), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--model" in result.output
 
 
 @pytest.mark.slow
@@ -211,3 +214,24 @@ def test_whole_chain_shell_decomposition_half_maps(shared_data):
         for d in LEVELS:
             assert abs(med[d] - d) <= median_tol, (noise, med)
             assert abs(np.median(per_atom[(truth == d) & interior]) - d) <= interior_tol, (noise, d)
+
+
+@pytest.mark.slow
+def test_cli_locres_map_against_model(shared_data, tmp_path):
+    """One map and --model: the map against the model's map (FSC 0.5). Crambin at a uniform 3 Å
+    (B = 30 Å², cut steeply at 1/3 Å⁻¹) plus noise; the model map is rendered with --model-b 30."""
+    model_path = shared_data / "models" / "1crn.pdb"
+    model = mm.read_model(model_path)
+    atoms = eqx.tree_at(lambda a: a.b_factors, model.atoms, jnp.full_like(model.atoms.b_factors, 30.0))
+    grid = Grid.around_positions(np.asarray(atoms.positions), voxel_size=1.0, padding=8.0)
+    half, _, _ = synthetic_half_maps(atoms, np.full(model.atoms.b_factors.shape, 3.0), grid,
+                                     key=jax.random.key(2), noise=0.5, method="gaussian")
+    path = tmp_path / "map.mrc"
+    mm.write_map(path, half, grid)
+    result = CliRunner().invoke(app, ["locres", str(path), "--model", str(model_path), "--model-b", "30",
+                                      "-o", str(tmp_path / "mvm")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "mvm.json").read_text())
+    assert summary["mode"] == "map vs model" and summary["threshold"] == 0.5
+    assert abs(summary["atoms"]["median"] - 3.0) <= 0.5, summary["atoms"]
+    assert (tmp_path / "mvm_atoms.pdb").exists() and (tmp_path / "mvm_atoms.csv").exists()

@@ -29,7 +29,6 @@ so a window that crosses the box's edge wraps around (as in cctbx).
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 
 import equinox as eqx
