@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,11 @@ from typing import Annotated, Optional
 import typer
 
 from ._app import _fail, _positive, check_outputs, model_stem
+
+
+class Kernel(str, enum.Enum):
+    sphere = "sphere"
+    gaussian = "gaussian"
 
 
 def _histogram(values, atoms, d_global: float, threshold: float):
@@ -67,8 +73,8 @@ def locres(
                                           "1/d_min (20, as cctbx).")] = 20,
     radius: Annotated[Optional[float], typer.Option("--radius", help="Correlation window radius, Å (default: the global "
                                                     "FSC resolution, as cctbx).", callback=_positive)] = None,
-    kernel: Annotated[str, typer.Option("--kernel", help="Window: sphere (cctbx's top-hat) or gaussian "
-                                        "(radius = σ).")] = "sphere",
+    kernel: Annotated[Kernel, typer.Option("--kernel", help="Window: sphere (cctbx's top-hat) or gaussian "
+                                           "(radius = σ).")] = Kernel.sphere,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Mask map (values > 0.5 inside) on the same grid; "
                                                  "default: within 3 Å of the model's atoms, else the smoothed "
                                                  "map above its mean + 1 sd.")] = None,
@@ -97,8 +103,7 @@ def locres(
 
     if half2 is None and model is None:
         _fail("give two half maps, or one map and --model (map against the model)")
-    if kernel not in ("sphere", "gaussian"):
-        _fail(f"--kernel must be sphere or gaussian, got {kernel!r}")
+    kernel = kernel.value
     prefix = output or half1.with_name(half1.name.split(".")[0] + "_locres")
     model_ext = None
     if model is not None:
@@ -117,6 +122,9 @@ def locres(
         m1 = io.read_map(half1)
         grid = m1.grid
         atoms_model = io.read_model(model) if model is not None else None
+        if atoms_model is not None and np.ndim(atoms_model.atoms.positions) != 2:
+            raise ValueError(f"{model} holds {np.shape(atoms_model.atoms.positions)[0]} models; locres takes one "
+                             "(write the member you want to its own file)")
         t0 = time.perf_counter()
         if half2 is not None:
             m2 = io.read_map(half2)
@@ -154,10 +162,12 @@ def locres(
             mask_rule = f"the map smoothed (Gaussian σ {lr.radius:.3g} Å) above its mean + 1 sd"
         if not inside.any():
             raise ValueError(f"the mask ({mask_rule}) is empty")
+        res = np.asarray(lr.resolution, np.float32)
+        if atoms_model is not None:
+            atom_values, flag = atom_local_resolution(res, grid, atoms_model.atoms.positions)
     except (ValueError, OSError) as err:
         _fail(str(err))
 
-    res = np.asarray(lr.resolution, np.float32)
     fill = float(np.clip(lr.global_resolution, lr.d_min, lr.d_max))
     values = res[inside]
     q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
@@ -170,9 +180,9 @@ def locres(
         "fraction_at_high_limit": float(lr.high_limit[inside].mean()),
         "seconds": seconds,
     }
-    atom_values = None
-    if atoms_model is not None:
-        atom_values, flag = atom_local_resolution(res, grid, atoms_model.atoms.positions)
+    if atoms_model is None:
+        atom_values = None
+    else:
         summary["atoms"] = {"n": int(atom_values.size), "median": float(np.median(atom_values)),
                             "clipped_low": int((flag == 1).sum()), "clipped_high": int((flag == 2).sum()),
                             "outside_box": int((flag == 3).sum()), "range_A": [1.0, 10.0]}
@@ -189,19 +199,20 @@ def locres(
     try:
         # the .cxc opens (the model), the resolution map, then the density coloured by the resolution
         written = write_analysis(prefix, {"resolution": written_map, "mask": inside.astype(np.float32)}, grid,
-                                 summary, model_path=model, show="resolution", level=fill,
-                                 extra_commands=extra,
+                                 summary, model_path=model, show="resolution", level=fill, extra_commands=extra,
                                  protect=protect)
         save_png(_histogram(values, atom_values, lr.global_resolution, lr.threshold),
                  outs["-o (histogram)"], protect=protect)
         if atoms_model is not None:
+            import dataclasses
+
+            import equinox as eqx
             import jax.numpy as jnp
 
             from ..io import write_model
 
-            with_b = atoms_model.atoms
-            with_b = type(with_b)(with_b.positions, with_b.atomic_numbers, jnp.asarray(atom_values), with_b.occupancies)
-            write_model(outs["-o (atoms)"], _replace_atoms(atoms_model, with_b))
+            with_b = eqx.tree_at(lambda a: a.b_factors, atoms_model.atoms, jnp.asarray(atom_values))
+            write_model(outs["-o (atoms)"], dataclasses.replace(atoms_model, atoms=with_b))
             lab = atoms_model.labels
             lines = ["chain,residue,atom,resolution,flag"]
             lines += [f"{lab.chain[i]},{lab.residue_number[i]}{lab.insertion_code[i].strip()},{lab.atom_name[i]},"
@@ -220,12 +231,3 @@ def locres(
                    f"{outs['-o (csv)']}")
     typer.echo(f"wrote {written['resolution']}, {written['json']}, {written['cxc']}")
 
-
-def _replace_atoms(model, atoms):
-    import dataclasses
-
-    if dataclasses.is_dataclass(model):
-        return dataclasses.replace(model, atoms=atoms)
-    import equinox as eqx
-
-    return eqx.tree_at(lambda m: m.atoms, model, atoms)
