@@ -91,6 +91,10 @@ def test_map_against_model_map_uses_the_half_bit_of_0_5(synthetic):
     med = _region_medians(per_atom, s["truth"])
     for d in LEVELS:
         assert abs(med[d] - d) <= 0.5, med
+    # a correlation: the model map's scale does not matter, even far below the variance floor of
+    # local_correlation (1e-12) in its weakest shells
+    tiny = local_resolution_model(full, model_map * 1e-9, s["grid"], radius=lr.radius)
+    assert np.mean(np.abs(tiny.resolution - lr.resolution) <= 1e-3 * lr.resolution) > 0.999
 
 
 def test_shells_are_a_partition_of_unity():

@@ -130,6 +130,10 @@ def _crossing_scan(f1, f2, s_mag, centres, ds, window, threshold, shape, edge):
         band = shell_transfer(s_mag, lower, upper, edge)
         b1 = jnp.fft.irfftn(f1 * band, s=shape)
         b2 = jnp.fft.irfftn(f2 * band, s=shape)
+        # the correlation does not depend on each map's scale: bring both to unit mean square so that a
+        # weak shell (a model map at a large B) is not lost under local_correlation's variance floor
+        b1 = b1 * jax.lax.rsqrt(jnp.maximum(jnp.mean(b1 * b1), 1e-30))
+        b2 = b2 * jax.lax.rsqrt(jnp.maximum(jnp.mean(b2 * b2), 1e-30))
         cc = local_correlation(b1, b2, window, centred=False)
         below = cc < threshold
         new = ~found & below
