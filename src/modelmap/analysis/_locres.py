@@ -1,7 +1,7 @@
 """Local resolution: the resolution at which two maps stop agreeing, voxel by voxel (issue 20).
 
-The method is cctbx's `map_model_manager.local_resolution_map` (Terwilliger, Adams, Afonine, Read,
-phenix), done with FFTs and pointwise operations in JAX so that it runs on a GPU too:
+The method is cctbx's `iotbx.map_model_manager.map_model_manager.local_resolution_map` (the
+cctbx/Phenix project), done with FFTs and pointwise operations in JAX so that it runs on a GPU too:
 
 1. both maps are split into `n_shells` resolution shells (band-passes) between s = 0 and
    `1/d_min` (Å⁻¹);
@@ -11,6 +11,12 @@ phenix), done with FFTs and pointwise operations in JAX so that it runs on a GPU
 3. at every voxel the frequency where the local correlation first falls below the threshold is found,
    scanning from low to high s and interpolating linearly in s between the shell centres; the local
    resolution is 1/s there.
+
+Two differences from cctbx, both measured in `benchmarks/bench_analysis_locres.py`: cctbx takes the
+*finest* shell whose correlation is still at or above the threshold (and the coarsest below it), so
+one noisy excursion above the threshold at high resolution makes a voxel look better; here the
+*first* crossing from low resolution is taken. cctbx also smooths the finished map with the window;
+here it is not smoothed (the correlations already are).
 
 Thresholds: 0.143 for two half maps (Rosenthal & Henderson 2003, J. Mol. Biol. 333, 721) and 0.5 for a
 map against a model map (phenix.mtriage's d_fsc_model; 0.5 against a noise-free reference corresponds
