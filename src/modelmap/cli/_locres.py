@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._app import _fail, _positive, check_outputs, model_stem
+from ._app import _fail, _positive, check_outputs
 
 
 class Kernel(str, enum.Enum):
@@ -49,7 +49,8 @@ def _atom_mask(positions, grid, radius: float):
 
     from ..analysis import local_mean, window_transfer
 
-    ijk = np.rint((np.asarray(positions, np.float64) - np.asarray(grid.origin)) / np.asarray(grid.voxel_size)).astype(int)
+    pos = np.asarray(positions, np.float64).reshape(-1, 3)
+    ijk = np.rint((pos - np.asarray(grid.origin)) / np.asarray(grid.voxel_size)).astype(int)
     inside = np.all((ijk >= 0) & (ijk < np.asarray(grid.shape[::-1])), axis=1)
     points = np.zeros(grid.shape, np.float32)
     np.add.at(points, (ijk[inside, 2], ijk[inside, 1], ijk[inside, 0]), 1.0)
@@ -105,9 +106,9 @@ def locres(
         _fail("give two half maps, or one map and --model (map against the model)")
     kernel = kernel.value
     prefix = output or half1.with_name(half1.name.split(".")[0] + "_locres")
-    model_ext = None
-    if model is not None:
-        model_ext = ".pdb" if model_stem(model) + ".pdb" in model.name.lower() else ".cif"
+    # the per-atom model is written in the input's format (PDB stays PDB, anything else mmCIF)
+    is_pdb = model is not None and model.name.lower().removesuffix(".gz").endswith((".pdb", ".ent"))
+    model_ext = ".pdb" if is_pdb else ".cif"
     names = ["resolution", "mask"]
     outs = {f"-o ({n})": prefix.parent / f"{prefix.name}_{n}.mrc" for n in names}
     outs.update({"-o (json)": prefix.parent / f"{prefix.name}.json", "-o (cxc)": prefix.parent / f"{prefix.name}.cxc",
