@@ -30,3 +30,14 @@ from ._sharpen import (
     relative_b as relative_b,
     sharpen as sharpen,
 )
+from ._locres import (
+    HALF_MAP_THRESHOLD as HALF_MAP_THRESHOLD,
+    MODEL_THRESHOLD as MODEL_THRESHOLD,
+    LocalResolution as LocalResolution,
+    atom_local_resolution as atom_local_resolution,
+    density_mask as density_mask,
+    local_resolution as local_resolution,
+    local_resolution_model as local_resolution_model,
+    shell_transfer as shell_transfer,
+    synthetic_half_maps as synthetic_half_maps,
+)

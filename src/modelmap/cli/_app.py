@@ -647,6 +647,9 @@ def demo(
 from ._batch import batch as _batch  # noqa: E402  (the command's code lives in _batch.py)
 
 app.command(name="batch")(_batch)
+from ._locres import locres as _locres  # noqa: E402  (the command's code lives in _locres.py)
+
+app.command(name="locres")(_locres)
 
 from ._sharpen import sharpen as _sharpen  # noqa: E402  (the command's code lives in _sharpen.py)
 
