@@ -19,3 +19,12 @@ from ._fourier import (
     window_transfer as window_transfer,
 )
 from ._output import write_analysis as write_analysis
+from ._diffmap import (
+    DifferenceMap as DifferenceMap,
+    DifferenceMapError as DifferenceMapError,
+    DifferencePeaks as DifferencePeaks,
+    difference_map as difference_map,
+    difference_peaks as difference_peaks,
+    local_scale_fit as local_scale_fit,
+    shell_weights as shell_weights,
+)
