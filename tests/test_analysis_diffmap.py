@@ -142,6 +142,7 @@ def _crop_around(density, positions, margin):
     return data, Grid(data.shape, grid.voxel_size, tuple(np.asarray(grid.origin) + lo * v))
 
 
+@pytest.mark.slow
 def test_apoferritin_mg_and_waters_come_back(shared_data):
     """EMD-20026 (1.75 Å) with 3AJO: the Mg ions and waters that the map supports (map value at the
     atom >= 3σ of the masked map: 2 Mg, 4 waters of the 241) are removed; they are the top 6
@@ -186,3 +187,54 @@ def test_7cec_side_chain_comes_back(shared_data):
     d, _ = cKDTree(pos[removed]).query(peaks.positions)
     near = np.flatnonzero(d < 5.0)
     assert len(near) and near[0] < 3 and d[near[0]] < 1.0, (near[:3], d[near[:3]], peaks.heights[:5])
+
+
+def test_cli_writes_maps_peaks_and_refuses_bad_input(shared_data, tmp_path):
+    """`modelmap diffmap` on crambin's 2 Å map with Thr 2's OG1 and CG2 deleted from the model file:
+    the top peaks in the JSON and CSV are those atoms; the .cxc shows ±3σ; bad input is one line."""
+    import csv
+    import json
+
+    import gemmi
+    from typer.testing import CliRunner
+
+    from modelmap.cli._app import app
+
+    src = shared_data / "models" / "1crn.pdb"
+    model = mm.read_model(src)
+    grid = Grid.around_positions(model.atoms.positions, 0.8, 5.0)
+    target = np.asarray(mm.render_model(model.atoms, grid, 2.0, method="fourier", sampling="point"))
+    mm.write_map(tmp_path / "map.mrc", target, grid)
+    st = gemmi.read_structure(str(src))
+    res = st[0]["A"][1]
+    assert res.name == "THR"
+    truth = {a.name: np.array(a.pos.tolist()) for a in res if a.name in ("OG1", "CG2")}
+    for name in truth:
+        res.remove_atom(name, "\0")
+    st.write_pdb(str(tmp_path / "cut.pdb"))
+    runner = CliRunner()
+    out = runner.invoke(app, ["diffmap", str(tmp_path / "map.mrc"), str(tmp_path / "cut.pdb"), "-d", "2",
+                              "-o", str(tmp_path / "dm"), "--csv", str(tmp_path / "peaks.csv")])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((tmp_path / "dm.json").read_text())
+    top = np.array([[p["x"], p["y"], p["z"]] for p in summary["positive_peaks"][:2]])
+    d = cKDTree(np.stack(list(truth.values()))).query(top)[0]
+    assert d.max() < 1.0 and summary["positive_peaks"][0]["nearest_label"].startswith("A/THR 2/")
+    for name in ("dm_diff.mrc", "dm_diff_raw.mrc", "dm_model_scaled.mrc", "dm.cxc"):
+        assert (tmp_path / name).exists()
+    diff = mm.read_map(tmp_path / "dm_diff.mrc")
+    assert diff.grid.same_as(grid)
+    assert "level -3 color #d03030 level 3 color #30b030" in (tmp_path / "dm.cxc").read_text()
+    rows = list(csv.DictReader((tmp_path / "peaks.csv").open()))
+    assert rows[0]["sign"] == "+" and float(rows[0]["height"]) == pytest.approx(summary["positive_peaks"][0]["height"])
+    # bad input: a map the model is not in, and an output that would overwrite the map
+    far = Grid(grid.shape, 0.8, origin=(500.0, 500.0, 500.0))
+    mm.write_map(tmp_path / "far.mrc", target, far)
+    bad = runner.invoke(app, ["diffmap", str(tmp_path / "far.mrc"), str(tmp_path / "cut.pdb"), "-d", "2",
+                              "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "no atom" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(app, ["diffmap", str(tmp_path / "map.mrc"), str(tmp_path / "cut.pdb"), "-d", "2",
+                              "--csv", str(tmp_path / "map.mrc")])
+    assert bad.exit_code == 2 and "overwrite" in bad.output
+    bad = runner.invoke(app, ["diffmap", str(tmp_path / "map.mrc"), str(tmp_path / "cut.pdb"), "-d", "-1"])
+    assert bad.exit_code == 2

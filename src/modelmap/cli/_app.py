@@ -648,6 +648,10 @@ from ._batch import batch as _batch  # noqa: E402  (the command's code lives in 
 
 app.command(name="batch")(_batch)
 
+from ._diffmap import diffmap as _diffmap  # noqa: E402
+
+app.command(name="diffmap")(_diffmap)
+
 
 def main() -> None:  # pragma: no cover - entry point
     app()
