@@ -202,7 +202,7 @@ def test_cli_writes_maps_peaks_and_refuses_bad_input(shared_data, tmp_path):
 
     src = shared_data / "models" / "1crn.pdb"
     model = mm.read_model(src)
-    grid = Grid.around_positions(model.atoms.positions, 0.8, 5.0)
+    grid = Grid.around_positions(model.atoms.positions, 0.8, 6.0)  # the fixture's grid: compiled once
     target = np.asarray(mm.render_model(model.atoms, grid, 2.0, method="fourier", sampling="point"))
     mm.write_map(tmp_path / "map.mrc", target, grid)
     st = gemmi.read_structure(str(src))
