@@ -261,3 +261,21 @@ def test_per_atom_resolution_explains_a_mixed_resolution_map(shared_data):
     peaks = difference_peaks(r.normalised, grid, sub, threshold=3.0)
     d_top = cKDTree(np.asarray(model.atoms.positions)[removed]).query(peaks.positions[:3])[0]
     assert d_top.max() < 1.0, d_top
+
+
+def test_fit_b_and_local_sigma(crambin_case):
+    """A target blurred by B = 30 Å² more than the model: `fit_b` finds that B (± 5 Å²) and the
+    removed atoms stay the top peaks with a global or a local σ."""
+    from modelmap.analysis import b_factor_filter
+
+    model, grid, target, removed, kept, _, _ = crambin_case
+    blurred = np.asarray(b_factor_filter(target, grid, 30.0))
+    sub = _take(model.atoms, kept)
+    truth = np.asarray(model.atoms.positions)[removed]
+    for sigma in ("global", "local"):
+        r = difference_map(blurred, grid, sub, 2.0, fit_b=True, sigma=sigma)
+        assert r.b_fit == pytest.approx(30.0, abs=5.0)
+        peaks = difference_peaks(r.normalised, grid, sub, threshold=3.0)
+        d_top = cKDTree(truth).query(peaks.positions[: len(removed)])[0]
+        assert d_top.max() < 1.0, (sigma, d_top)
+    assert np.ndim(r.sigma) == 3 and np.all(r.sigma >= 0.5 * r.settings["sigma_global"] - 1e-9)
