@@ -227,6 +227,18 @@ def test_cli_writes_maps_peaks_and_refuses_bad_input(shared_data, tmp_path):
     assert "level -3 color #d03030 level 3 color #30b030" in (tmp_path / "dm.cxc").read_text()
     rows = list(csv.DictReader((tmp_path / "peaks.csv").open()))
     assert rows[0]["sign"] == "+" and float(rows[0]["height"]) == pytest.approx(summary["positive_peaks"][0]["height"])
+    # with half maps (independent noise): the shells' weights are in the JSON, the peaks the same atoms
+    rng = np.random.default_rng(3)
+    for i in (1, 2):
+        mm.write_map(tmp_path / f"h{i}.mrc", target + 0.3 * target.std() * rng.standard_normal(grid.shape).astype(np.float32), grid)
+    out = runner.invoke(app, ["diffmap", str(tmp_path / "map.mrc"), str(tmp_path / "cut.pdb"), "-d", "2",
+                              "--half-maps", str(tmp_path / "h1.mrc"), str(tmp_path / "h2.mrc"), "-o", str(tmp_path / "hm")])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((tmp_path / "hm.json").read_text())
+    assert summary["half_maps"] == [str(tmp_path / "h1.mrc"), str(tmp_path / "h2.mrc")]
+    assert summary["shells"]["weight"][1] > 0.9
+    top = np.array([[p["x"], p["y"], p["z"]] for p in summary["positive_peaks"][:2]])
+    assert cKDTree(np.stack(list(truth.values()))).query(top)[0].max() < 1.0
     # bad input: a map the model is not in, and an output that would overwrite the map
     far = Grid(grid.shape, 0.8, origin=(500.0, 500.0, 500.0))
     mm.write_map(tmp_path / "far.mrc", target, far)

@@ -69,9 +69,9 @@ def diffmap_to_files(map_path: Path, model_path: Path, resolution: float, prefix
     summary = {
         "map": str(map_path), "model": str(model_path), "atoms": int(atoms.n_atoms),
         "atoms_inside_map": int(inside.sum()),
+        **r.settings, "b_fit": r.b_fit,
         "half_maps": [str(p) for p in half_maps] if half_maps else None,
         "local_resolution": str(local_resolution) if local_resolution else None,
-        **r.settings, "b_fit": r.b_fit,
         "scale_percentiles_5_50_95": np.percentile(r.scale[r.support], [5, 50, 95]).tolist(),
         "threshold_sigma": threshold, "edge_margin": edge_margin,
         "n_positive_peaks": len(pos), "n_negative_peaks": len(neg),
