@@ -276,7 +276,7 @@ def test_per_atom_resolution_explains_a_mixed_resolution_map(shared_data):
 
 
 def test_fit_b_and_local_sigma(crambin_case):
-    """A target blurred by B = 30 Å² more than the model: `fit_b` finds that B (± 5 Å²) and the
+    """A target blurred by B = 30 Å² more than the model: `fit_b` finds that B (± 5 Å²; 30.9 measured) and the
     removed atoms stay the top peaks with a global or a local σ."""
     from modelmap.analysis import b_factor_filter
 
@@ -286,6 +286,7 @@ def test_fit_b_and_local_sigma(crambin_case):
     truth = np.asarray(model.atoms.positions)[removed]
     for sigma in ("global", "local"):
         r = difference_map(blurred, grid, sub, 2.0, fit_b=True, sigma=sigma)
+        print("fitted B", sigma, r.b_fit)
         assert r.b_fit == pytest.approx(30.0, abs=5.0)
         peaks = difference_peaks(r.normalised, grid, sub, threshold=3.0)
         d_top = cKDTree(truth).query(peaks.positions[: len(removed)])[0]
