@@ -505,6 +505,9 @@ def difference_peaks(
         log_rise[:, axis] = np.where(logs, r, 0.0)
         lin_rise[:, axis] = np.where(logs, 0.0, r)
     heights = y1 * np.exp(log_rise.sum(axis=1)) + lin_rise.sum(axis=1)
+    # strongest first by the refined height (the voxel values ranked the candidates)
+    order = np.argsort(-heights, kind="stable")
+    idx, offs, heights = idx[order], offs[order], heights[order]
     kji = idx + offs
     vx, vy, vz = (float(v) for v in np.broadcast_to(np.asarray(grid.voxel_size, float), (3,)))
     pos = np.asarray(grid.origin, np.float64)[None, :] + kji[:, ::-1] * np.array([vx, vy, vz])
