@@ -41,3 +41,12 @@ from ._locres import (
     shell_transfer as shell_transfer,
     synthetic_half_maps as synthetic_half_maps,
 )
+from ._diffmap import (
+    DifferenceMap as DifferenceMap,
+    DifferenceMapError as DifferenceMapError,
+    DifferencePeaks as DifferencePeaks,
+    difference_map as difference_map,
+    difference_peaks as difference_peaks,
+    local_scale_fit as local_scale_fit,
+    shell_weights as shell_weights,
+)

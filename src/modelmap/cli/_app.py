@@ -655,6 +655,10 @@ from ._sharpen import sharpen as _sharpen  # noqa: E402  (the command's code liv
 
 app.command(name="sharpen")(_sharpen)
 
+from ._diffmap import diffmap as _diffmap  # noqa: E402
+
+app.command(name="diffmap")(_diffmap)
+
 
 def main() -> None:  # pragma: no cover - entry point
     app()
