@@ -19,3 +19,15 @@ from ._fourier import (
     window_transfer as window_transfer,
 )
 from ._output import write_analysis as write_analysis
+from ._local_scale import (
+    LocalScale as LocalScale,
+    SolventModel as SolventModel,
+    fit_solvent_model as fit_solvent_model,
+    local_scale as local_scale,
+    max_filter as max_filter,
+    max_filter_tau as max_filter_tau,
+    modify_by_scale as modify_by_scale,
+    scale_kernel as scale_kernel,
+    solvent_confidence as solvent_confidence,
+    tile_normalisation as tile_normalisation,
+)
