@@ -31,3 +31,4 @@ from ._local_scale import (
     solvent_confidence as solvent_confidence,
     tile_normalisation as tile_normalisation,
 )
+from ._occupancy import OccupancyFit as OccupancyFit, fit_occupancy as fit_occupancy

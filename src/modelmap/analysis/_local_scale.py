@@ -146,19 +146,19 @@ def max_filter(data: Float[ArrayLike, "nz ny nx"], kernel: Bool[np.ndarray, "kz 
     kernel = np.asarray(kernel, bool)
     if kernel.ndim != 3 or any(k % 2 == 0 for k in kernel.shape) or not kernel.any():
         raise LocalScaleError(f"the max-filter kernel must be a non-empty 3-D array of odd sides, got {kernel.shape}")
-    offsets = tuple(tuple(int(o) for o in off) for off in np.argwhere(kernel))
+    offsets = jnp.asarray(np.argwhere(kernel), jnp.int32)
     return _max_filter(jnp.asarray(data), offsets, tuple(k // 2 for k in kernel.shape))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(2,))
 def _max_filter(data, offsets, half):
     pad = jnp.pad(data, [(h, h) for h in half], mode="symmetric")
-    nz, ny, nx = data.shape
-    out = None
-    for oz, oy, ox in offsets:
-        part = jax.lax.slice(pad, (oz, oy, ox), (oz + nz, oy + ny, ox + nx))
-        out = part if out is None else jnp.maximum(out, part)
-    return out
+
+    def body(k, out):
+        part = jax.lax.dynamic_slice(pad, (offsets[k, 0], offsets[k, 1], offsets[k, 2]), data.shape)
+        return jnp.maximum(out, part)
+
+    return jax.lax.fori_loop(0, offsets.shape[0], body, jnp.full_like(data, -jnp.inf))
 
 
 def _tiling(n: int, tile: int, n_tiles: int) -> tuple[int, int, int, int]:

@@ -647,6 +647,9 @@ def demo(
 from ._batch import batch as _batch  # noqa: E402  (the command's code lives in _batch.py)
 
 app.command(name="batch")(_batch)
+from ._occupancy import occupancy as _occupancy  # noqa: E402  (the command's code lives in _occupancy.py)
+
+app.command(name="occupancy")(_occupancy)
 
 
 def main() -> None:  # pragma: no cover - entry point
