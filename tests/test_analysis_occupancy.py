@@ -269,7 +269,8 @@ def test_cli_occupancy_writes_the_maps_and_refuses_bad_input(tmp_path):
         assert (tmp_path / "res" / f"occ_{name}.mrc").exists()
     summary = json.loads((tmp_path / "res" / "occ.json").read_text())
     assert summary["local_scale"]["kernel_voxels"] == int(scale_kernel(grid, 4.0).sum())  # low-pass max(8 Å, 3 voxels)
-    assert (tmp_path / "res" / "occ.cxc").exists()
+    assert "color sample #2 map #1" in (tmp_path / "res" / "occ.cxc").read_text()  # the map coloured by scale
+    assert (tmp_path / "res" / "occ_solvent.png").stat().st_size > 0
     # bad input: one line, exit 2, nothing written
     r = runner.invoke(app, ["occupancy", str(path), "-o", str(tmp_path / "bad"), "--sigmoid", "3"])
     assert r.exit_code == 2 and "--pivot" in r.output and not (tmp_path / "bad_scale.mrc").exists()
@@ -277,3 +278,25 @@ def test_cli_occupancy_writes_the_maps_and_refuses_bad_input(tmp_path):
     assert r.exit_code == 0  # PREFIX_scale.mrc etc. never collide with the input in.mrc
     r = runner.invoke(app, ["occupancy", str(path), "--model", str(tmp_path / "missing.pdb"), "-d", "3"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+@pytest.mark.slow  # a refinement compiles: about 40 s on 2 busy cores
+def test_cli_occupancy_with_a_model_writes_its_occupancies(tmp_path):
+    import json
+
+    from modelmap.cli import app
+
+    model, region, grid, target = _synthetic()
+    map_path = mm.write_map(tmp_path / "syn.mrc", np.asarray(target), grid)
+    model_path = mm.write_model(tmp_path / "helix.pdb", model)
+    before = model_path.read_bytes()
+    r = CliRunner().invoke(app, ["occupancy", str(map_path), "--model", str(model_path), "-d", "4", "--blur", "res",
+                                 "--steps", "15", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert model_path.read_bytes() == before  # the input model is never overwritten
+    fitted = mm.read_model(tmp_path / "out_model.pdb")
+    occ = np.asarray(fitted.atoms.occupancies)
+    np.testing.assert_allclose([occ[region == k].mean() for k in range(4)], OCC, atol=0.1)
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["occupancy_fit"]["atoms"] == model.atoms.n_atoms
+    assert 'open "out_model.pdb"' in (tmp_path / "out.cxc").read_text()

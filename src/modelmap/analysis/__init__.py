@@ -29,6 +29,7 @@ from ._local_scale import (
     modify_by_scale as modify_by_scale,
     scale_kernel as scale_kernel,
     solvent_confidence as solvent_confidence,
+    solvent_figure as solvent_figure,
     tile_normalisation as tile_normalisation,
 )
 from ._occupancy import OccupancyFit as OccupancyFit, fit_occupancy as fit_occupancy

@@ -56,6 +56,7 @@ __all__ = [
     "modify_by_scale",
     "scale_kernel",
     "solvent_confidence",
+    "solvent_figure",
     "tile_normalisation",
 ]
 
@@ -506,3 +507,40 @@ def modify_by_scale(
     c = jnp.asarray(scale.confidence)
     out = out * c + (0.0 if exclude_solvent else data * (1.0 - c))
     return jnp.clip(out, jnp.min(data), jnp.max(data))
+
+
+def solvent_figure(scale: LocalScale, occupancy: np.ndarray | None = None, scale_at_atoms: np.ndarray | None = None):
+    """The solvent model beside the histogram it was fitted to (log scale) and the confidence per
+    grey level (OccuPy's `solModel` plot); with `occupancy` and `scale_at_atoms`, a second panel of the
+    fitted occupancy of each atom against the map-only scale there.
+
+    **Returns:** a `matplotlib.figure.Figure`.
+    """
+    from ..plots._save import new_figure
+
+    two = occupancy is not None and scale_at_atoms is not None
+    fig = new_figure(10.0 if two else 6.0, 3.6)
+    axes = fig.subplots(1, 2 if two else 1)
+    ax = axes[0] if two else axes
+    sm = scale.solvent
+    ax.semilogy(sm.bins, np.maximum(sm.density, 1e-12), "k-", lw=1, label="low-passed map (inside sphere)")
+    ax.semilogy(sm.bins, np.maximum(sm(sm.bins), 1e-12), "g-", lw=1, label=f"solvent μ {sm.mean:.3g}, σ {sm.sigma:.3g}")
+    positive = sm.density[sm.density > 0]
+    ax.set_ylim(0.5 * positive.min(), 2.0 * sm.density.max())
+    ax.set_xlabel("map value")
+    ax.set_ylabel("density")
+    twin = ax.twinx()
+    twin.plot(scale.levels, scale.mapping, "r-", lw=1, label="confidence")
+    twin.set_ylim(-0.02, 1.02)
+    twin.set_ylabel("confidence", color="r")
+    ax.legend(loc="upper right", fontsize=7)
+    ax.set_title(f"solvent model (low-pass {scale.lowpass:.2f} Å)", fontsize=9)
+    if two:
+        axes[1].plot(np.asarray(scale_at_atoms), np.asarray(occupancy), ".", ms=2, alpha=0.4)
+        axes[1].plot([0, 1], [0, 1], "k:", lw=0.8)
+        axes[1].set_xlabel("map-only scale at the atom")
+        axes[1].set_ylabel("fitted occupancy")
+        axes[1].set_xlim(0, 1.02)
+        axes[1].set_ylim(0, 1.02)
+        axes[1].set_title("model-aware occupancy vs map-only scale", fontsize=9)
+    return fig

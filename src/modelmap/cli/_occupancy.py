@@ -63,8 +63,9 @@ def occupancy(
 
     from .. import io
     from .._interpolate import interpolate_map
-    from ..analysis import fit_occupancy, local_scale, modify_by_scale, write_analysis
+    from ..analysis import fit_occupancy, local_scale, modify_by_scale, solvent_figure, write_analysis
     from ..io._model import check_model_path
+    from ..plots import save_png
 
     if sigmoid is not None and pivot is None:
         _fail("--sigmoid needs --pivot (the scale it leaves unchanged, in (0, 1))")
@@ -75,7 +76,7 @@ def occupancy(
     prefix = output or map_path.with_name(map_path.name.split(".")[0] + "_occupancy")
     model_out = None
     if model is not None:
-        suffix = ".cif" if model.name.lower().rstrip(".gz").endswith(("cif", "mmcif")) else ".pdb"
+        suffix = ".cif" if model.name.lower().removesuffix(".gz").endswith(("cif", "mmcif")) else ".pdb"
         model_out = prefix.parent / f"{prefix.name}_model{suffix}"
     try:
         if model is not None:
@@ -83,8 +84,9 @@ def occupancy(
         names = ["scale", "confidence"] + [n for n, g in (("amplified", amplify), ("attenuated", attenuate),
                                                           ("sigmoid", sigmoid)) if g is not None]
         outs = {n: prefix.parent / f"{prefix.name}_{n}.mrc" for n in names}
+        plot = prefix.parent / f"{prefix.name}_solvent.png"
         outs |= {"json": prefix.parent / f"{prefix.name}.json", "cxc": prefix.parent / f"{prefix.name}.cxc",
-                 "model": model_out}
+                 "model": model_out, "plot": plot}
         check_outputs((map_path, model), outs)
         density = io.read_map(map_path)
         ls = local_scale(density.data, density.grid, lowpass=lowpass, resolution=resolution, mode=mode.value)
@@ -97,19 +99,30 @@ def occupancy(
         summary = {"map": str(map_path), "local_scale": ls.summary(),
                    "modifications": {"amplify": amplify, "attenuate": attenuate, "sigmoid": sigmoid, "pivot": pivot,
                                      "exclude_solvent": exclude_solvent}}
+        occ = at_atoms = None
         if model is not None:
             structure = io.read_model(model)
             fit = fit_occupancy(density, structure, resolution, blur=blur.value, groups=groups.value,
                                 normalise=not absolute, max_steps=steps, progress=False)
             io.write_model(model_out, fit.model)
-            scale_at_atoms = np.asarray(interpolate_map(ls.scale, density.grid, structure.atoms.positions))
+            occ = fit.occupancy
+            at_atoms = np.asarray(interpolate_map(ls.scale, density.grid, structure.atoms.positions))
             summary["model"] = str(model)
             summary["occupancy_fit"] = fit.summary() | {
                 "model_out": str(model_out),
-                "cc_occupancy_vs_map_scale": float(np.corrcoef(fit.occupancy, scale_at_atoms)[0, 1])
-                if np.ptp(fit.occupancy) > 0 and np.ptp(scale_at_atoms) > 0 else None}
-        written = write_analysis(prefix, maps, density.grid, summary, model_path=model_out or model, show="scale",
-                                 level=0.5, protect=(map_path, model))
+                "cc_occupancy_vs_map_scale": float(np.corrcoef(occ, at_atoms)[0, 1])
+                if np.ptp(occ) > 0 and np.ptp(at_atoms) > 0 else None}
+        summary["plot"] = str(plot)
+        # as OccuPy's script: the input map's surface coloured by the scale
+        first = 2 if model_out is not None else 1
+        colour = (f'open "{map_path.resolve()}"', f"volume #{first + 1} level {ls.full_scale * 0.5:.6g} style surface",
+                  f"color sample #{first + 1} map #{first} palette 0,red:0.5,white:1,blue range 0,1",
+                  f"volume #{first} hide")
+        written = write_analysis(prefix, maps, density.grid, summary, model_path=model_out, show="scale",
+                                 level=0.5, extra_commands=colour, protect=(map_path, model))
+        written["plot"] = save_png(solvent_figure(ls, occ, at_atoms), plot, protect=(map_path, model))
+        if model_out is not None:
+            written["model"] = model_out
     except (ValueError, FileExistsError, OSError) as err:
         _fail(str(err))
     typer.echo(f"scale: full scale {ls.full_scale:.4g} (tau {ls.tau:.4f}, {ls.kernel_voxels}-voxel kernel, low-pass "
