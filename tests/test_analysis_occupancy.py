@@ -27,6 +27,7 @@ from modelmap.analysis import (
     max_filter,
     max_filter_tau,
     modify_by_scale,
+    occupy_lowpass_transfer,
     scale_kernel,
     solvent_confidence,
     tile_normalisation,
@@ -101,6 +102,22 @@ def test_tile_normalisation_matches_a_loop():
     assert got == pytest.approx(best, rel=1e-6)
 
 
+def test_occupy_lowpass_is_its_shifted_cube_mask():
+    # OccuPy builds the mask on the fftshifted cube: keep k = floor(n·voxel/d) indices, a ball of radius
+    # k + 1 about the cube's centre (n - 1)/2 on every axis, the half axis starting at index n/2 - 1
+    n, voxel, d = 24, 1.5, 8.0
+    k = int(n * voxel / d)
+    c = (n - 1) / 2.0
+    i = np.arange(n)
+    ball = ((i[:, None, None] - c) ** 2 + (i[None, :, None] - c) ** 2 + (i[None, None, :] - c) ** 2) <= (k + 1) ** 2
+    half = ball[..., n // 2 - 1:]  # OccuPy's [..., mid - 1:] slice of the cube, the rfft axis
+    box = np.zeros_like(half)
+    box[n // 2 - k:n // 2 + k, n // 2 - k:n // 2 + k, :k + 1] = True
+    expected = np.fft.ifftshift(half & box, axes=(0, 1))
+    got = np.asarray(occupy_lowpass_transfer(Grid((n, n, n), voxel), d))
+    np.testing.assert_array_equal(got.astype(bool), expected)
+
+
 def test_solvent_gaussian_fit_recovers_the_noise():
     rng = np.random.default_rng(3)
     solvent = rng.normal(0.3, 1.2, 400_000)
@@ -132,10 +149,11 @@ def test_local_scale_on_emd5168_matches_occupys_log(shared_data):
     m = mm.read_map(shared_data / "emd5168_actin" / "emd_5168.map.gz")
     ls = local_scale(m.data, m.grid)
     # OccuPy 0.1.13 on this map (log_emd_5168.txt, benchmarks/results/analysis_occupancy.json):
-    # kernel 57 voxels, tau 0.949, full scale 33.659, solvent peak 0.204
+    # kernel 57 voxels, tau 0.949, full scale 33.659, solvent peak 0.204, primary confidence limit 0.139
     assert ls.kernel_voxels == 57 and ls.tau == pytest.approx(0.949, abs=5e-4)
     assert ls.full_scale == pytest.approx(33.659, abs=1e-3)
-    assert ls.solvent.mean == pytest.approx(0.204, abs=0.02)  # our low-pass is a radial cut, OccuPy's an index box
+    assert ls.solvent.mean == pytest.approx(0.204, abs=0.01)  # OccuPy evaluates the fit a bin off the centres
+    assert ls.confidence_limit == pytest.approx(0.139, abs=0.002)
     s = np.asarray(ls.scale)
     assert s.min() >= 0.0 and s.max() == 1.0
 

@@ -27,6 +27,7 @@ from ._local_scale import (
     max_filter as max_filter,
     max_filter_tau as max_filter_tau,
     modify_by_scale as modify_by_scale,
+    occupy_lowpass_transfer as occupy_lowpass_transfer,
     scale_kernel as scale_kernel,
     solvent_confidence as solvent_confidence,
     solvent_figure as solvent_figure,

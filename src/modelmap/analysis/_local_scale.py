@@ -22,10 +22,9 @@ copied) estimates the local scale of a map:
    `scale_limit` are left alone; every change is gated by the confidence,
    `out = modified·c + data·(1 − c)`, and clipped to the input's range.
 
-Differences from OccuPy, on purpose: no cubic/even-box requirement (tiles and the solvent sphere are
-per axis), no down-sampling to 256³, voxel sizes per axis (Å distances), the low-pass is a hard radial
-cut at 1/lp (OccuPy's keeps ⌊n·voxel/lp⌋+1 index shells about a centre half a voxel off), the histogram
-fit is evaluated at bin centres (OccuPy: `linspace(min, max, 1000)`), the minimum voxel is mapped to the
+Differences from OccuPy, on purpose: no cubic/even-box requirement (tiles, the solvent sphere and the
+low-pass are per axis), no down-sampling to 256³, voxel sizes per axis (Å distances; OccuPy uses x's), the
+histogram fit is evaluated at bin centres (OccuPy: `linspace(min, max, 1000)`), the minimum voxel is mapped to the
 lowest confidence level (OccuPy's index −1 gives it the highest), and the sigmoid is evaluated
 analytically (OccuPy: a 100-level table). Everything on voxels is JAX (one max per kernel offset, FFT
 low-pass); the 1000-bin histogram work is numpy.
@@ -44,7 +43,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 
 from .._errors import ModelmapError
 from .._grid import Grid
-from ._fourier import lowpass as _lowpass
+from ._fourier import apply_radial_filter, lowpass as _lowpass
 
 __all__ = [
     "LocalScale",
@@ -54,6 +53,7 @@ __all__ = [
     "max_filter",
     "max_filter_tau",
     "modify_by_scale",
+    "occupy_lowpass_transfer",
     "scale_kernel",
     "solvent_confidence",
     "solvent_figure",
@@ -68,6 +68,33 @@ class LocalScaleError(ModelmapError):
 def _voxel(grid: Grid) -> np.ndarray:
     """Voxel sizes (vz, vy, vx) in Å, in the map's axis order."""
     return np.asarray(grid.voxel_size, np.float64)[::-1]
+
+
+def occupy_lowpass_transfer(grid: Grid, resolution: float) -> Float[Array, "nz ny nxh"]:
+    """OccuPy's low-pass (`map_tools.lowpass`, no resampling) as a transfer function in `rfftn` layout.
+
+    OccuPy keeps k = ⌊n·voxel/resolution⌋ frequency indices per axis (k ≤ n/2): indices −k … k−1 on
+    the full axes and 0 … k on the half axis, inside a ball of radius k + 1 whose centre sits half an
+    index off the zero frequency, at (−½, −½, +½) (its mask is built on the shifted cube). A hard
+    edge a little beyond 1/resolution, not quite centred. Per axis for non-cubic maps (OccuPy needs
+    a cube).
+
+    **Arguments:**
+
+    - `grid`: the map's grid.
+    - `resolution`: Å.
+
+    **Returns:** 0/1 transfer `(nz, ny, nx // 2 + 1)`.
+    """
+    nz, ny, nx = grid.shape
+    v = _voxel(grid)
+    k = [min(int(math.floor(n * vv / resolution)), n // 2) for n, vv in zip((nz, ny, nx), v)]
+    fz = np.rint(np.fft.fftfreq(nz) * nz)[:, None, None]
+    fy = np.rint(np.fft.fftfreq(ny) * ny)[None, :, None]
+    fx = np.arange(nx // 2 + 1)[None, None, :]
+    box = (fz >= -k[0]) & (fz < k[0]) & (fy >= -k[1]) & (fy < k[1]) & (fx <= k[2])
+    ball = ((fz + 0.5) / (k[0] + 1)) ** 2 + ((fy + 0.5) / (k[1] + 1)) ** 2 + ((fx - 0.5) / (k[2] + 1)) ** 2 <= 1.0
+    return jnp.asarray(box & ball, jnp.float32)
 
 
 def max_filter_tau(n: int) -> float:
@@ -379,6 +406,7 @@ def local_scale(
     n_tiles: int = 20,
     tile_size: int | None = None,
     n_bins: int = 1000,
+    lowpass_shape: str = "occupy",
 ) -> LocalScale:
     """Local scale of a map from the map alone, as OccuPy estimates it (module docs for the steps).
 
@@ -395,6 +423,8 @@ def local_scale(
     - `tau`: the percentile of the normalisation (default `max_filter_tau` of the kernel's size).
     - `n_tiles`, `tile_size`: the normalisation's tiles (`tile_normalisation`).
     - `n_bins`: histogram levels of the solvent model and the confidence.
+    - `lowpass_shape`: `"occupy"` (OccuPy's index-space cut, `occupy_lowpass_transfer`) or `"radial"`
+      (a hard cut at |s| = 1/lowpass).
 
     **Returns:** a `LocalScale`.
     """
@@ -407,6 +437,8 @@ def local_scale(
         raise LocalScaleError("the map holds NaN or infinite values")
     if mode not in ("res", "occ"):
         raise LocalScaleError(f"mode must be 'res' or 'occ', got {mode!r}")
+    if lowpass_shape not in ("occupy", "radial"):
+        raise LocalScaleError(f"lowpass_shape must be 'occupy' or 'radial', got {lowpass_shape!r}")
     for name, value in (("lowpass", lowpass), ("resolution", resolution), ("kernel_radius", kernel_radius)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise LocalScaleError(f"{name} must be a finite number of Å above 0, got {value}")
@@ -419,7 +451,12 @@ def local_scale(
         lowpass = max(8.0, 3.0 * float(v.max()), resolution or 0.0)
     lowpass = float(lowpass)
     # OccuPy low-passes only when the cut lies inside Nyquist with room (lp > 2 voxels)
-    lp_data = _lowpass(data, grid, lowpass, width=0.0) if lowpass > 2.0 * float(v.max()) else data
+    if lowpass <= 2.0 * float(v.max()):
+        lp_data = data
+    elif lowpass_shape == "occupy":
+        lp_data = apply_radial_filter(data, grid, occupy_lowpass_transfer(grid, lowpass))
+    else:
+        lp_data = _lowpass(data, grid, lowpass, width=0.0)
     kernel = scale_kernel(grid, kernel_radius or lowpass / 2.0, kernel_half_width)
     n_v = int(kernel.sum())
     tau = max_filter_tau(n_v) if tau is None else float(tau)

@@ -116,7 +116,6 @@ def fit_occupancy(
     bad = {"parameters", "restraints"} & set(options)
     if bad:
         raise OccupancyFitError(f"fit_occupancy sets {sorted(bad)} itself (occupancy and blur, no restraints)")
-    atoms = model if isinstance(model, Atoms) else model.atoms
     group_option = groups
     if isinstance(groups, str) and groups not in ("residue", "atom"):
         raise OccupancyFitError(f"groups must be 'residue', 'atom' or one id per atom, got {groups!r}")
