@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import modelmap as mm
-from modelmap import Atoms, Grid
+from modelmap import Grid
 from modelmap.analysis import (
     fit_occupancy,
     fit_solvent_model,
@@ -28,6 +28,7 @@ from modelmap.analysis import (
     max_filter_tau,
     modify_by_scale,
     occupy_lowpass_transfer,
+    regional_map,
     scale_kernel,
     solvent_confidence,
     tile_normalisation,
@@ -216,18 +217,9 @@ def _synthetic():
     """A 16-residue helix in four regions of known occupancy and resolution: the sum of each region's exact
     Fourier map (NUFFT, cut at its own resolution; not the shell model the fit uses) plus 2 % noise."""
     pytest.importorskip("jax_finufft")
-    from modelmap import IndependentAtomVolume, NufftRenderFn
-
     model, region = _peptide()
-    a = model.atoms
-    grid = Grid.around_positions(np.asarray(a.positions), voxel_size=1.5, padding=5.0)
-    render = NufftRenderFn(grid)
-    target = 0.0
-    for k in range(4):
-        sel = region == k
-        part = Atoms(np.asarray(a.positions)[sel], np.asarray(a.atomic_numbers)[sel], np.asarray(a.b_factors)[sel],
-                     np.full(int(sel.sum()), OCC[k], np.float32))
-        target = target + render(IndependentAtomVolume.from_atoms(part, float(RES[k])))
+    grid = Grid.around_positions(np.asarray(model.atoms.positions), voxel_size=1.5, padding=5.0)
+    target = regional_map(model.atoms, grid, region, OCC, RES)
     noise = 0.02 * float(jnp.max(target)) * jax.random.normal(jax.random.PRNGKey(1), target.shape)
     return model, region, grid, target + noise
 
@@ -261,6 +253,8 @@ def test_fit_occupancy_checks_its_options():
         fit_occupancy(target, model, 3.5, grid=grid, parameters=("xyz",))
     with pytest.raises(ValueError, match="groups"):
         fit_occupancy(target, model, 3.5, grid=grid, groups="chain")
+    with pytest.raises(ValueError, match="one index per atom"):
+        regional_map(model.atoms, grid, np.zeros(3, int), OCC, RES)
 
 
 # ---- command line ---------------------------------------------------------------------------

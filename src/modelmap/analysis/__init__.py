@@ -33,4 +33,4 @@ from ._local_scale import (
     solvent_figure as solvent_figure,
     tile_normalisation as tile_normalisation,
 )
-from ._occupancy import OccupancyFit as OccupancyFit, fit_occupancy as fit_occupancy
+from ._occupancy import OccupancyFit as OccupancyFit, fit_occupancy as fit_occupancy, regional_map as regional_map

@@ -30,7 +30,7 @@ def _gamma(value: float | None) -> float | None:
 def occupancy(
     map_path: Annotated[Path, typer.Argument(metavar="MAP", help="The map (MRC/CCP4, .gz too).")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="A model (PDB/mmCIF): also fit its occupancies "
-                                                   "and B to the map, coordinates fixed.")] = None,
+                                                   "and local resolution (or B) to the map, coordinates fixed.")] = None,
     resolution: Annotated[Optional[float], typer.Option("-d", "--resolution", help="The map's resolution in Å (needed "
                                                         "with --model; a floor for the default low-pass).",
                                                         callback=_positive)] = None,
@@ -50,15 +50,17 @@ def occupancy(
     pivot: Annotated[Optional[float], typer.Option("--pivot", help="The scale the sigmoid leaves unchanged, in (0, 1).")] = None,
     exclude_solvent: Annotated[bool, typer.Option("--exclude-solvent/--retain-solvent", help="Flatten solvent to 0 in "
                                                   "the modified maps.")] = False,
-    blur: Annotated[Blur, typer.Option("--blur", help="With --model: fit per-atom B (b) or one resolution per group "
-                                       "(res) beside the occupancies.")] = Blur.b,
+    blur: Annotated[Blur, typer.Option("--blur", help="With --model: fit one resolution per group (res; tells "
+                                       "occupancy from resolution) or per-atom B (b; give -d the finest resolution) "
+                                       "beside the occupancies.")] = Blur.res,
     groups: Annotated[Groups, typer.Option("--groups", help="With --model: one occupancy per residue or per atom.")] = Groups.residue,
     steps: Annotated[int, typer.Option("--steps", min=1, help="With --model: optimiser steps.")] = 60,
     absolute: Annotated[bool, typer.Option("--absolute/--relative", help="With --model: keep the fitted occupancies "
                                            "as they are instead of dividing by the largest.")] = False,
 ) -> None:
     """Local scale of MAP as OccuPy estimates it (scale, confidence and modified maps), and with --model
-    the model's occupancies and B fitted to the map, which tells occupancy from resolution."""
+    the model's occupancies fitted to the map beside its local resolution, which tells occupancy from
+    resolution (the map alone cannot)."""
     import numpy as np
 
     from .. import io
