@@ -118,7 +118,7 @@ def occupancy(
         # as OccuPy's script: the input map's surface coloured by the scale
         first = 2 if model_out is not None else 1
         colour = (f'open "{map_path.resolve()}"', f"volume #{first + 1} level {ls.full_scale * 0.5:.6g} style surface",
-                  f"color sample #{first + 1} map #{first} palette 0,red:0.5,white:1,blue range 0,1",
+                  f"color sample #{first + 1} map #{first} palette red:white:blue range 0,1",
                   f"volume #{first} hide")
         written = write_analysis(prefix, maps, density.grid, summary, model_path=model_out, show="scale",
                                  level=0.5, extra_commands=colour, protect=(map_path, model))
