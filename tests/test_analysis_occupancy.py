@@ -178,8 +178,14 @@ def test_modifications_follow_the_scale_and_the_confidence():
     assert ampl[inner_low].mean() / ampl[inner_full].mean() > 1.2 * data[inner_low].mean() / data[inner_full].mean()
     attn = np.asarray(modify_by_scale(data, ls, "attenuate", 2.0, exclude_solvent=True))
     assert attn[inner_low].mean() / attn[inner_full].mean() < 0.8 * data[inner_low].mean() / data[inner_full].mean()
-    sig = np.asarray(modify_by_scale(data, ls, "sigmoid", 4.0, pivot=0.5, exclude_solvent=True))
-    assert np.all(np.isfinite(sig)) and sig.max() <= data.max()
+    sig = np.asarray(modify_by_scale(data, ls, "sigmoid", 4.0, pivot=0.3, exclude_solvent=True))
+    # the sigmoid f(x) = 1/(1 + (mu(1-x)/(x(1-mu)))^m) with f(pivot) = pivot: mu/(1-mu) = p/(1-p)·((1-p)/p)^(1/m)
+    p, m = 0.3, 4.0
+    odds = p / (1 - p) * ((1 - p) / p) ** (1 / m)
+    x = np.clip(s.astype(np.float64), 1e-9, 1 - 1e-9)
+    f = 1.0 / (1.0 + (odds * (1 - x) / x) ** m)
+    expected = np.clip(np.where(s > 0, data * f / x, 0.0) * c, data.min(), data.max())
+    np.testing.assert_allclose(sig, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(LocalScaleError, match="pivot"):
         modify_by_scale(data, ls, "sigmoid", 4.0)
     with pytest.raises(LocalScaleError, match="gamma"):

@@ -175,7 +175,10 @@ def max_filter(data: Float[ArrayLike, "nz ny nx"], kernel: Bool[np.ndarray, "kz 
     if kernel.ndim != 3 or any(k % 2 == 0 for k in kernel.shape) or not kernel.any():
         raise LocalScaleError(f"the max-filter kernel must be a non-empty 3-D array of odd sides, got {kernel.shape}")
     offsets = jnp.asarray(np.argwhere(kernel), jnp.int32)
-    return _max_filter(jnp.asarray(data), offsets, tuple(k // 2 for k in kernel.shape))
+    data = jnp.asarray(data)
+    if not jnp.issubdtype(data.dtype, jnp.floating):
+        data = data.astype(jnp.float32)
+    return _max_filter(data, offsets, tuple(k // 2 for k in kernel.shape))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
