@@ -11,8 +11,11 @@ shell-decomposition model map; or per-atom B), coordinates fixed: `modelmap.refi
 
 The least-squares map term has a free overall scale, so occupancies are relative: a map whose every atom
 is at half occupancy fits as well with all occupancies 1. By default (`normalise=True`) the result is
-divided by the largest group occupancy, so the best-occupied part reads 1 (as OccuPy's scale does);
-`normalise=False` keeps the fit's values (absolute when the map is on the model map's scale).
+divided by the 90th percentile of the fitted occupancies of the atoms inside the map, so the
+best-occupied part reads 1 (as OccuPy's scale is normalised by a percentile, not the maximum: a few
+noisy residues, or atoms outside the map that keep their start, do not set the scale), and clipped to
+[0, 1]; `normalise=False` keeps the fit's values (absolute when the map is on the model map's scale).
+Atoms outside the map keep their starting occupancy (nothing fits them): `atoms_outside` counts them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from .._errors import ModelmapError
 from .._grid import Grid
 
 __all__ = ["OccupancyFit", "fit_occupancy", "regional_map"]
+
+
+NORMALISATION_QUANTILE = 0.9  # of the atoms' fitted occupancies: what reads as occupancy 1
 
 
 class OccupancyFitError(ModelmapError):
@@ -46,6 +52,7 @@ class OccupancyFit:
     - `model`: the input `AtomicModel` with these occupancies and B (write it with `write_model`),
       or `None` when bare `Atoms` were given.
     - `normalisation`: what the fitted occupancies were divided by (1 when not normalised).
+    - `atoms_outside`: atoms outside the map's box (they keep their starting occupancy).
     - `refinement`: the `RefineResult` (history, steps, time).
     """
 
@@ -54,6 +61,7 @@ class OccupancyFit:
     resolution: np.ndarray | None
     model: object | None
     normalisation: float
+    atoms_outside: int
     refinement: object
 
     def summary(self) -> dict:
@@ -61,7 +69,7 @@ class OccupancyFit:
         occ = self.occupancy
         out = {"atoms": int(occ.size), "occupancy_mean": float(occ.mean()), "occupancy_min": float(occ.min()),
                "occupancy_max": float(occ.max()), "b_mean": float(self.b_factors.mean()),
-               "normalisation": self.normalisation, "steps": int(self.refinement.n_steps),
+               "normalisation": self.normalisation, "atoms_outside": self.atoms_outside, "steps": int(self.refinement.n_steps),
                "result": self.refinement.result, "time_s": float(self.refinement.time)}
         if self.resolution is not None:
             out["resolution_mean"] = float(self.resolution.mean())
@@ -106,7 +114,8 @@ def fit_occupancy(
     - `groups`: `"residue"` (one occupancy per residue and alternate conformer), `"atom"`, or `(n,)`
       group ids.
     - `resolutions`: starting per-atom resolutions for `blur="res"` (default `resolution`).
-    - `normalise`: divide occupancies by the largest group's, so the best-occupied part reads 1.
+    - `normalise`: divide occupancies by their 90th percentile over the atoms inside the map (module
+      docs), so the best-occupied part reads 1.
     - `max_steps`: optimiser steps.
     - `mask_radius`: Å around the atoms where the map is fitted (default max(3 Å, D)).
     - `progress`: a progress bar on the terminal.
@@ -134,11 +143,15 @@ def fit_occupancy(
         params = ("occ", "b")
     result = refine(model, target, resolution, parameters=params, **kwargs)
     occ = np.asarray(result.atoms.occupancies, np.float64)
+    map_grid = grid if grid is not None else getattr(target, "grid", None)
+    inside = np.ones(occ.shape, bool) if map_grid is None else np.asarray(map_grid.contains(
+        np.asarray(result.atoms.positions)), bool)
     norm = 1.0
     if normalise:
-        norm = float(occ.max())
+        norm = float(np.quantile(occ[inside], NORMALISATION_QUANTILE)) if inside.any() else 0.0
         if not norm > 0:
-            raise OccupancyFitError("every fitted occupancy is 0 or less: does the model lie in the map?")
+            raise OccupancyFitError("the fitted occupancies of the atoms inside the map are 0 or less: does the model "
+                                    "lie in the map?")
         occ = np.clip(occ / norm, 0.0, 1.0)
     else:
         occ = np.maximum(occ, 0.0)
@@ -148,7 +161,7 @@ def fit_occupancy(
     if result.model is not None:
         a = result.model.atoms
         fitted = result.model.replace(atoms=Atoms(a.positions, a.atomic_numbers, a.b_factors, occ.astype(np.float32)))
-    return OccupancyFit(occ, b, res, fitted, norm, result)
+    return OccupancyFit(occ, b, res, fitted, norm, int(np.sum(~inside)), result)
 
 
 def regional_map(atoms: Atoms, grid: Grid, region, occupancies, resolutions) -> Float[Array, "nz ny nx"]:
