@@ -272,8 +272,8 @@ def test_cli_occupancy_writes_the_maps_and_refuses_bad_input(tmp_path):
     from modelmap.cli import app
 
     rng = np.random.default_rng(6)
-    data = rng.normal(0.0, 1.0, (24, 24, 24)).astype(np.float32)
-    data[6:18, 6:18, 6:18] += 8.0
+    data = rng.normal(0.0, 1.0, (24, 19, 28)).astype(np.float32)  # neither cubic nor even: OccuPy refuses it
+    data[6:18, 5:14, 6:20] += 8.0
     grid = Grid(data.shape, 1.5, origin=(-3.0, 4.5, 9.0))
     path = mm.write_map(tmp_path / "in.mrc", data, grid)
     runner = CliRunner()
