@@ -50,3 +50,18 @@ from ._diffmap import (
     local_scale_fit as local_scale_fit,
     shell_weights as shell_weights,
 )
+from ._local_scale import (
+    LocalScale as LocalScale,
+    SolventModel as SolventModel,
+    fit_solvent_model as fit_solvent_model,
+    local_scale as local_scale,
+    max_filter as max_filter,
+    max_filter_tau as max_filter_tau,
+    modify_by_scale as modify_by_scale,
+    occupy_lowpass_transfer as occupy_lowpass_transfer,
+    scale_kernel as scale_kernel,
+    solvent_confidence as solvent_confidence,
+    solvent_figure as solvent_figure,
+    tile_normalisation as tile_normalisation,
+)
+from ._occupancy import OccupancyFit as OccupancyFit, fit_occupancy as fit_occupancy, regional_map as regional_map

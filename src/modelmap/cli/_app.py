@@ -655,9 +655,13 @@ from ._sharpen import sharpen as _sharpen  # noqa: E402  (the command's code liv
 
 app.command(name="sharpen")(_sharpen)
 
-from ._diffmap import diffmap as _diffmap  # noqa: E402
+from ._diffmap import diffmap as _diffmap  # noqa: E402  (the command's code lives in _diffmap.py)
 
 app.command(name="diffmap")(_diffmap)
+
+from ._occupancy import occupancy as _occupancy  # noqa: E402  (the command's code lives in _occupancy.py)
+
+app.command(name="occupancy")(_occupancy)
 
 
 def main() -> None:  # pragma: no cover - entry point
