@@ -29,15 +29,15 @@ VDW_RADII = {"H": 1.20, "D": 1.20, "C": 1.70, "N": 1.55, "O": 1.52, "S": 1.80, "
               "SE": 1.90, "F": 1.47, "CL": 1.75, "BR": 1.85, "I": 1.98}
 
 
-def exclusions(bond_index: np.ndarray, n: int) -> tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]]]:
-    """(1-2 and 1-3 pairs, 1-4 pairs) of the bond graph, as (i < j) tuples (cached: a refinement
-    rebuilds its contact list many times over one bond graph)."""
+def exclusions(bond_index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1-2 and 1-3 pairs, 1-4 pairs) of the bond graph, each as sorted keys `i · n + j` (i < j)
+    (cached: a refinement rebuilds its contact list many times over one bond graph)."""
     bond_index = np.ascontiguousarray(bond_index, np.int64).reshape(-1, 2)
     return _exclusions(bond_index.tobytes(), n)
 
 
 @functools.lru_cache(maxsize=8)
-def _exclusions(bonds: bytes, n: int) -> tuple[frozenset[tuple[int, int]], frozenset[tuple[int, int]]]:
+def _exclusions(bonds: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
     bond_index = np.frombuffer(bonds, np.int64).reshape(-1, 2)
     nbrs: list[set[int]] = [set() for _ in range(n)]
     for i, j in bond_index:
@@ -58,7 +58,12 @@ def _exclusions(bonds: bytes, n: int) -> tuple[frozenset[tuple[int, int]], froze
                         p = (min(i, m), max(i, m))
                         if p not in excl:
                             one_four.add(p)
-    return frozenset(excl), frozenset(one_four)
+
+    def keys(pairs):
+        a = np.asarray(sorted(pairs), np.int64).reshape(-1, 2)
+        return np.sort(a[:, 0] * n + a[:, 1])
+
+    return keys(excl), keys(one_four)
 
 
 def nonbonded_pairs(pos, radius, altloc, bond_index, buffer: float) -> tuple[np.ndarray, np.ndarray]:
@@ -71,21 +76,36 @@ def nonbonded_pairs(pos, radius, altloc, bond_index, buffer: float) -> tuple[np.
     from scipy.spatial import cKDTree
 
     n = len(radius)
+    radius = np.asarray(radius, np.float64)
     active = np.flatnonzero(radius > 0)
     if len(active) < 2:
         return np.zeros((0, 2), np.int64), np.zeros(0)
     cutoff = 2.0 * NONBONDED_SCALE * float(radius.max()) + buffer
     pairs = cKDTree(pos[active]).query_pairs(cutoff, output_type="ndarray")
-    pairs = np.sort(active[pairs], axis=1) if len(pairs) else np.zeros((0, 2), np.int64)
-    excl, one_four = exclusions(bond_index, n)
-    keep, r0 = [], []
-    for i, j in pairs:
-        i, j = int(i), int(j)
-        if (i, j) in excl:
-            continue
-        if altloc[i] and altloc[j] and altloc[i] != altloc[j]:
-            continue
-        scale = NONBONDED_SCALE_14 if (i, j) in one_four else NONBONDED_SCALE
-        keep.append((i, j))
-        r0.append(scale * (radius[i] + radius[j]))
-    return np.asarray(keep, np.int64).reshape(-1, 2), np.asarray(r0, np.float64)
+    if not len(pairs):
+        return np.zeros((0, 2), np.int64), np.zeros(0)
+    pairs = np.sort(active[pairs], axis=1)
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # (i, j) order, as the list has always been
+    pairs, one_four = non_excluded(pairs, n, bond_index, altloc)
+    scale = np.where(one_four, NONBONDED_SCALE_14, NONBONDED_SCALE)
+    return pairs, scale * (radius[pairs[:, 0]] + radius[pairs[:, 1]])
+
+
+def non_excluded(pairs: np.ndarray, n: int, bond_index, altloc=None) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs `(k, 2)` (i < j) that are neither 1-2 nor 1-3 in the bond graph nor atoms of
+    different alternate conformers (`altloc`: codes, 0 or "" for none), and whether each is 1-4.
+    Vectorised (a Python loop over 60k candidate pairs took 0.2 s per contact-list rebuild)."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    key = pairs[:, 0] * n + pairs[:, 1]
+    keep = np.ones(len(pairs), bool)
+    one_four = np.zeros(len(pairs), bool)
+    if bond_index is not None:
+        excl, one_four_keys = exclusions(bond_index, n)
+        keep &= ~np.isin(key, excl)
+        one_four = np.isin(key, one_four_keys)
+    if altloc is not None:
+        alt = np.asarray(altloc)
+        none = alt.dtype.type("") if alt.dtype.kind in "US" else alt.dtype.type(0)
+        ai, aj = alt[pairs[:, 0]], alt[pairs[:, 1]]
+        keep &= ~((ai != none) & (aj != none) & (ai != aj))
+    return pairs[keep], one_four[keep]

@@ -30,7 +30,7 @@ def clashes(positions: np.ndarray, atomic_numbers: np.ndarray, bond_index: np.nd
     different alternate conformers. Returns an `(k, 3)` float array sorted by distance."""
     from scipy.spatial import cKDTree
 
-    from ._neighbours import exclusions
+    from ._neighbours import non_excluded
 
     pos = np.asarray(positions, np.float64)
     heavy = np.flatnonzero(np.asarray(atomic_numbers) > 1)
@@ -40,15 +40,9 @@ def clashes(positions: np.ndarray, atomic_numbers: np.ndarray, bond_index: np.nd
     if not len(pairs):
         return np.zeros((0, 3))
     pairs = np.sort(heavy[pairs], axis=1)
-    excl = exclusions(np.asarray(bond_index), len(pos))[0] if bond_index is not None else set()
-    keep = []
-    for i, j in pairs:
-        if (int(i), int(j)) in excl:
-            continue
-        if altloc is not None and altloc[i] and altloc[j] and altloc[i] != altloc[j]:
-            continue
-        keep.append((i, j, float(np.linalg.norm(pos[i] - pos[j]))))
-    out = np.asarray(keep, np.float64).reshape(-1, 3)
+    pairs, _ = non_excluded(pairs, len(pos), None if bond_index is None else np.asarray(bond_index), altloc)
+    d = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=-1)
+    out = np.column_stack([pairs.astype(np.float64), d]).reshape(-1, 3)
     return out[np.argsort(out[:, 2])]
 
 
