@@ -102,7 +102,18 @@ def _run(check, *args, warm=True, **kwargs):
         r = refine(*args, callback=callback, progress=False, progress_every=1, **kwargs)
         out[label] = {"wall_s": time.perf_counter() - t0, **_times(r, stamps),
                       "criteria_met_step": met.get("step"), "criteria_met_s": met.get("s")}
+    if warm and _PLAIN:
+        # the same run without the per-step callback, which costs time of its own (the atoms cross to
+        # the host and the criteria are checked there at every step): the loop's own time per step
+        t0 = time.perf_counter()
+        plain = refine(*args, progress=False, **kwargs)
+        wall = time.perf_counter() - t0
+        out["plain"] = {"wall_s": wall, "steps": int(plain.n_steps), "evaluations": int(plain.n_evaluations),
+                        "per_step_s": wall / max(int(plain.n_steps), 1)}
     return r, out
+
+
+_PLAIN = True  # `--no-plain` leaves out the run without callback
 
 
 def _noisy_start(atoms, seed=0):
@@ -574,7 +585,11 @@ def main():
     p.add_argument("--crambin-cycles", default=None,
                    help="servalcat cycles of the crambin case, one run per number (e.g. 10,40; default: its own, 10)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refine.json"))
+    p.add_argument("--no-plain", action="store_true", help="skip the third run (warm, no callback) of the xyz+b, b, "
+                   "occ and res cases that times the loop without the per-step criteria check")
     args = p.parse_args()
+    global _PLAIN
+    _PLAIN = not args.no_plain
     cases = args.cases.split(",")
     known = {"xyz+b", "b", "occ", "res", "real", "b-flat", "crambin"}
     if set(cases) - known:

@@ -125,7 +125,9 @@ class WindowPlan(AbstractWindowPlan):
             return self
         buckets = list(self.buckets)
         same = [i for i, b in enumerate(buckets) if b.half_width == half_width]
-        c = int(buckets[same[0]].indices.shape[1]) if same else int(8 * math.ceil(n / 8))
+        # a new bucket gets chunks of 32: a chunk with any source in it is computed whole, and one
+        # chunk of 1,080 wide windows holding 36 re-planned atoms made 7CEC's steps 1.8 times as slow
+        c = int(buckets[same[0]].indices.shape[1]) if same else min(32, int(8 * math.ceil(n / 8)))
         nc = math.ceil(n / c)
         idx, mask = np.zeros((nc, c), np.int32), np.zeros((nc, c), bool)
         if same:
@@ -138,14 +140,16 @@ class WindowPlan(AbstractWindowPlan):
         pad = tuple(max(p, 2 * h) for p, h in zip(self.pad, half_width))
         return WindowPlan(tuple(buckets), self.max_variance, self.n_sigma, pad)
 
-    def refit(self, grid: Grid, required: "WindowPlan") -> "WindowPlan | None":
+    def refit(self, grid: Grid, required: "WindowPlan", positions=None) -> "WindowPlan | None":
         """The sources re-dealt into this plan's buckets and slots so that each gets a window at
         least as large as in `required` (a plan for new variances, of the same sources and grid):
         every array keeps its shape, so a compiled function that took this plan runs the new one
         without recompiling. None when the buckets have too few slots (plan afresh then).
 
         Each source goes to the smallest bucket that holds its window, widest sources first;
-        `max_variance` is what the chosen window covers.
+        `max_variance` is what the chosen window covers. Within a bucket the sources are in voxel
+        order (`locality_order`) when `positions` `(n, 3)` are given, else in index order: on the CPU
+        an accumulation in index order took 1.6 times as long (7CEC, 4,308 atoms, 89 × 81 × 63).
         """
         n = self.n_sources
         if required.n_sources != n or required.n_sigma != self.n_sigma:
@@ -159,6 +163,9 @@ class WindowPlan(AbstractWindowPlan):
         capacity = [int(np.prod(b.indices.shape)) for b in self.buckets]
         members: list[list[int]] = [[] for _ in self.buckets]
         chosen = np.zeros(n, np.int64)
+        rank = np.arange(n)
+        if positions is not None:
+            rank[locality_order(grid, np.asarray(positions, np.float64))] = np.arange(n)
         for i in np.argsort(-np.prod(2 * need + 1, axis=1), kind="stable"):
             fits = [j for j in range(len(keys)) if np.all(keys[j] >= need[i]) and len(members[j]) < capacity[j]]
             if not fits:
@@ -170,7 +177,7 @@ class WindowPlan(AbstractWindowPlan):
         for b, m in zip(self.buckets, members):
             nc, c = b.indices.shape
             idx, mask = np.zeros(nc * c, np.int32), np.zeros(nc * c, bool)
-            idx[: len(m)], mask[: len(m)] = np.sort(m), True  # index order: the plan's locality order
+            idx[: len(m)], mask[: len(m)] = sorted(m, key=rank.__getitem__), True
             idx[len(m):] = idx[0] if m else 0
             buckets.append(WindowBucket(b.half_width, jnp.asarray(idx.reshape(nc, c)), jnp.asarray(mask.reshape(nc, c))))
         fit = _covered_variance(np.stack(keys)[chosen], np.asarray(grid.voxel_size), self.n_sigma)
@@ -245,9 +252,7 @@ class WindowPlan(AbstractWindowPlan):
             if granularity or len(np.unique(half, axis=0)) <= max_buckets:
                 break
         fit = _covered_variance(half, voxel, n_sigma)
-        # order sources by their voxel (z, then y, then x) for cache locality of the accumulation
-        idx = np.floor(grid.to_index(pos)).astype(np.int64)
-        order = np.lexsort((idx[:, 0], idx[:, 1], idx[:, 2]))
+        order = locality_order(grid, pos)
         keys = [tuple(int(v) for v in half[i]) for i in range(half.shape[0])]
         groups: dict[tuple[int, int, int], list[int]] = {}
         for i in order:
@@ -266,6 +271,12 @@ class WindowPlan(AbstractWindowPlan):
             )
         hmax = half.max(axis=0)
         return cls(tuple(buckets), jnp.asarray(fit), float(n_sigma), tuple(int(2 * h) for h in hmax))
+
+
+def locality_order(grid: Grid, positions) -> np.ndarray:
+    """Sources ordered by their voxel (z, then y, then x): the accumulation's cache locality."""
+    idx = np.floor(np.asarray(grid.to_index(np.asarray(positions, np.float64)))).astype(np.int64)
+    return np.lexsort((idx[:, 0], idx[:, 1], idx[:, 2]))
 
 
 def default_chunk_size(cpu: int, other: int = 2048) -> int:
