@@ -40,7 +40,7 @@ class RefineConfig:
     - `d_margin`: Å; per-atom resolutions stay within this of their start (and the resolution scan
       searches this range).
     - `b_window`: Å²; a cost knob, not a bound: the render windows hold B up to
-      `B + max(b_window, B/2)` of every atom; a run stops when an atom reaches it, every atom is
+      `B + max(b_window, B)` of every atom; a run stops when an atom reaches it, every atom is
       re-planned around its B then (without recompiling where the new windows fit the compiled
       ones), so B goes anywhere within `b_bounds`.
     - `table`: scattering table, `"electron"` or `"xray"`.
