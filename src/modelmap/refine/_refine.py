@@ -195,12 +195,13 @@ def _replace_plans(render_fn, plans: list[WindowPlan]):
 
 
 def _n_spare(n: int) -> int:
-    """Free window slots for atoms re-planned for the upper B bound: a quarter of the atoms, at least 64.
+    """Free window slots for atoms re-planned for the upper B bound: half the atoms, at least 128.
 
     Free slots cost no work (a chunk of free slots is skipped, `render._windows`), only their
-    indices; with few of them (1/32 of the atoms) a B-only run from a flat start re-planned into a new
-    shape and compiled its loop a second time."""
-    return max(64, n // 4)
+    indices; with few of them a B-only run from a flat start, where most atoms outgrow their
+    windows together, re-planned into a new shape and compiled its loop a second time (7CEC with
+    1/32 of the atoms; a 90-atom helix with 64)."""
+    return max(128, n // 2)
 
 
 def _with_spare(render_fn, at_bound, n_spare: int):
