@@ -252,11 +252,7 @@ def main(argv=None) -> int:
     atoms_series = [1000, 10000, 100000, None] if not a.quick else [1000, 30000, None]
     boxes = [64, 128, 256, 512] if not a.quick else [64, 128, 256]
     print(f"{'case':28s} {'atoms':>9} {'grid x,y,z':>13} {'fwd s':>9} {'vag s':>9} {'1st fwd':>9} {'RSS GB':>7}")
-    if a.extra:
-        results = extra_cases()
-        atoms_series, boxes = [], []
-    else:
-        results = main_cases(atoms_series, boxes, a.quick)
+    results = extra_cases() if a.extra else main_cases(atoms_series, boxes, a.quick)
     doc = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
@@ -266,7 +262,7 @@ def main(argv=None) -> int:
     suffix = "_extra" if a.extra else ""
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"bench_scale_{datetime.date.today():%Y%m%d}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc["plots"] = plots(results, out.with_suffix("")) if atoms_series else []
+    doc["plots"] = [] if a.extra else plots(results, out.with_suffix(""))  # the extra set has no series to plot
     out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {out} and {', '.join(doc['plots'])} in {doc['elapsed_s']:.0f} s")
     return 0
