@@ -87,6 +87,29 @@ def test_compiled_loop_makes_no_host_transfer_per_step():
     assert int(steps) > 20
 
 
+def test_a_stopped_run_goes_on_as_if_it_had_not_stopped():
+    # a run stopped at every accepted point (`stop`) and resumed from its state, time and again,
+    # takes the uninterrupted run's steps: the L-BFGS memory and the line search are carried over
+    y0 = {"x": jnp.zeros(10, jnp.float32)}
+    solver = LBFGS(rtol=1e-10)
+    whole = minimise(_rosenbrock, solver, y0, None, 40)
+    stop = lambda aux: aux["v"] >= 0.0  # noqa: E731  (true at every accepted point)
+    minimise._cached.clear_cache()
+    state, steps, runs = solver.init(_rosenbrock, y0, None, 40), 0, 0
+    while steps < 40:
+        before = float(state.f)
+        state = minimise(_rosenbrock, solver, state, None, 40, jnp.asarray(40 - steps, jnp.int32), stop)
+        if runs > 0:  # a resumed run's history starts at the point it resumed from
+            assert float(state.history["value"][0]) == before
+        steps += int(state.step)
+        runs += 1
+        assert int(state.result) in (2, 4)  # max steps or stopped
+    assert runs == 41  # the start (stopped there), then one step per run
+    assert minimise._cached._cache_size() == 1  # the fresh state and the resumed ones: one compiled loop
+    assert int(whole.step) == 40
+    np.testing.assert_allclose(np.asarray(state.y["x"]), np.asarray(whole.y["x"]), rtol=1e-5, atol=1e-6)
+
+
 def test_vmapped_lbfgs_equals_separate_runs():
     starts = jnp.stack([jnp.full(8, v, jnp.float32) for v in (0.0, -0.5, 0.5, 1.5)])
     batch = jax.vmap(lambda x: minimise(_rosenbrock, LBFGS(rtol=1e-10), {"x": x}, None, 300))(starts)

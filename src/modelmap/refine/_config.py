@@ -39,10 +39,11 @@ class RefineConfig:
     - `d_bounds`: bounds of per-atom resolutions in Å.
     - `d_margin`: Å; per-atom resolutions stay within this of their start (and the resolution scan
       searches this range).
-    - `b_window`: Å²; a cost knob, not a bound: the render windows hold B up to
-      `B + max(b_window, B)` of every atom; a run stops when an atom reaches it, every atom is
-      re-planned around its B then (without recompiling where the new windows fit the compiled
-      ones), so B goes anywhere within `b_bounds`.
+    - `b_window`: Å²; a cost knob, not a bound: the render windows first hold B up to
+      `B + b_window` of every atom; a run stops when an atom reaches it, every atom is re-planned
+      around its B then (without recompiling where the new windows fit the compiled ones; an atom
+      whose B rose by more than half its room gets twice the room), so B goes anywhere within
+      `b_bounds`.
     - `table`: scattering table, `"electron"` or `"xray"`.
     - `n_terms`: shell terms K of the shell model map (default of `ShellDecompositionVolume`).
     - `q_sigma`: σ (Å) of the Q loss.

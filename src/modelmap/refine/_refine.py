@@ -10,14 +10,17 @@ run is one compiled call with no host round-trip per step. Between runs, on the 
   as Phenix's weight search lowers the data weight when geometry degrades;
 - **contacts**: a run stops as soon as any atom has moved by more than half the non-bonded list's
   buffer since the list was built; the list is rebuilt and the run goes on (a Verlet list);
-- **render plans**: the model map is planned for every atom's B up to `B + max(b_window, B)`; a
-  run stops when an atom reaches that ceiling (a run that went on would hold it there), and the
+- **render plans**: the model map is planned for every atom's B up to B + a margin (`b_window` at
+  first, doubled at a re-plan for each atom whose B rose by more than half its margin); a run
+  stops when an atom reaches that ceiling (a run that went on would hold it there), and the
   host re-plans every atom around its B, dealing the new windows into the compiled plan's buckets
   and spare slots where they fit (`WindowPlan.refit`: no recompilation), else planning afresh. B
   is bounded only by the physical `b_bounds` (1-500 Å² by default).
 
-Each run starts from the model its predecessor ended with (the parameters are folded into the
-model, the L-BFGS memory restarts).
+A run stopped for the host's work goes on from the solver's state (`LBFGS.resume`: the same
+parameters, the L-BFGS memory and line search kept; the objective is the same function of them).
+A new macro-cycle starts afresh from the model its predecessor ended with (the parameters folded
+into the model, new units, the memory restarted), since its weight makes another objective.
 
 **Automatic weighting.** w = `weight_scale` · |∇E_geom| / |∇(n L_map)| over the refined parameters
 (in their scaled units), as phenix.refine balances the gradients of data and restraints ("wxc",
@@ -140,6 +143,8 @@ class _Problem:
     evaluations: int = 0
     loose: bool = False
     unit_scale: dict = dataclasses.field(default_factory=dict)  # `_balance_units`' factors
+    b_margin: np.ndarray | None = None  # Å², per atom: its render plan's room above its B (`_b_ceiling`)
+    state: object = None  # the solver's state where a run stopped for the host's work (the next run goes on from it)
     history: list = dataclasses.field(default_factory=list)
     events: list = dataclasses.field(default_factory=list)
 
@@ -172,16 +177,23 @@ def _as_inputs(model, target, grid):
     return atoms, labels, jnp.asarray(data), grid
 
 
-def _b_ceiling(b: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    """Each atom's highest B in a run's render plan: B + max(b_window, B), at most the upper bound.
+def _b_ceiling(b: np.ndarray, margin, cfg: RefineConfig) -> np.ndarray:
+    """Each atom's highest B in a run's render plan: B + its margin, at most the upper bound.
 
-    The windows' cost grows with the ceiling (their volume as (B + B_D)^{3/2}), and each time an
+    The windows' cost grows with the ceiling (their volume as (B + B_x)^{3/2}), and each time an
     atom reaches its ceiling the run stops and every atom is re-planned around its B (dealt into
     the compiled windows' free slots, `_n_spare`: a restart of the solver, not a compilation).
-    Measured on 7CEC chain A (same hour, 2 cores): B from a flat start took 16.5 s and 39 steps with
-    this ceiling, 20.2 s and 45 steps (three re-plans instead of one) with B + max(b_window, B/2),
-    whose narrower windows made a step of synthetic xyz+B about 10-20 % cheaper."""
-    return np.minimum(b + np.maximum(cfg.b_window, b), cfg.b_bounds[1])
+    Every margin starts at `b_window`, and an atom that reached its ceiling gets twice its margin
+    at the re-plan (`_grown_margin`): narrow windows where B settles, a few re-plans where it
+    travels. Measured on 7CEC chain A (2 cores, same hour): a value and gradient of its xyz+B
+    start took 133 ms with B + 60 Å² and 188 ms with B + max(60, B) for every atom."""
+    return np.minimum(b + margin, cfg.b_bounds[1])
+
+
+def _grown_margin(margin: np.ndarray, b: np.ndarray, planned: np.ndarray) -> np.ndarray:
+    """The B margins at a re-plan: doubled for the atoms whose B rose by more than half their
+    margin since the last plan (`planned`: their B then), the ones at their ceiling among them."""
+    return np.where(b - planned > 0.5 * margin, 2.0 * margin, margin)
 
 
 def _window_plans(render_fn) -> list[WindowPlan]:
@@ -320,7 +332,8 @@ def _setup(model, target, resolution, cfg: RefineConfig, *, grid, restraints, mo
     refine_res = "res" in params
     per_atom = refine_res or resolutions is not None
     d_bounds = (max(cfg.d_bounds[0], D_RANGE[0]), min(cfg.d_bounds[1], D_RANGE[1]))
-    ceiling = _b_ceiling(b0, cfg) if "b" in params else b0
+    b_margin = np.full(n, cfg.b_window)
+    ceiling = _b_ceiling(b0, b_margin, cfg) if "b" in params else b0
     b_floor = None if "b" in params else float(np.min(b0))  # B kept: the plan holds the model's own B
     if per_atom:
         if resolutions is None and refine_res:
@@ -408,13 +421,15 @@ def _setup(model, target, resolution, cfg: RefineConfig, *, grid, restraints, mo
     u = {name: jnp.zeros(sizes[name], dtype) for name in params}
     problem = _Problem(atoms=atoms, labels=labels, model=model if isinstance(model, AtomicModel) else None,
                        grid=grid, restraints=restraints, args=args, u=u, start_positions=pos0.astype(np.float64),
-                       resolution=float(resolution), refine_res=refine_res)
+                       resolution=float(resolution), refine_res=refine_res, b_margin=b_margin)
     return problem, static
 
 
-def _rebase(problem: _Problem, static: Static, cfg: RefineConfig) -> tuple[_Problem, Static, list]:
-    """Fold the parameters into the model (a new start for the next run) and do the host's work:
-    rebuild a stale contact list, re-plan the model map for B that reached the plan's ceiling."""
+def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = True) -> tuple[_Problem, Static, list]:
+    """Do the host's work: rebuild a stale contact list, re-plan the model map for B that reached
+    the plan's ceiling; and with `fold`, fold the parameters into the model (a new start for the
+    next run, new units). Without it the parameters stay as they are, so that the next run can
+    go on from the solver's state (the objective is the same function of them)."""
     args = problem.args
     pos, b, occ, res = (None if x is None else np.asarray(x) for x in _build_jit(problem.u, args))
     events = []
@@ -439,7 +454,8 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig) -> tuple[_Prob
             # every atom around its B now: the atoms on their way up get room too (an atom held at
             # its ceiling, a stiff wall, spoils L-BFGS's curvature pairs: 7CEC from a flat B took
             # 70 steps to an RMSE of 3 Å² re-planning only the atoms at the ceiling, 10 this way)
-            ceiling = _b_ceiling(b, cfg)
+            problem.b_margin = _grown_margin(problem.b_margin, b, np.asarray(args.b_hi) - problem.b_margin)
+            ceiling = _b_ceiling(b, problem.b_margin, cfg)
             res_ref = None if res is None else np.asarray(res)
             plan = lambda c, exact: _render_fn(problem.grid, pos, problem.atoms.atomic_numbers, c, occ,
                                                problem.resolution, isinstance(static.render_fn, ShellRenderFn), cfg,
@@ -448,6 +464,10 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig) -> tuple[_Prob
                                                                          static.render_fn, pos))
             new["b_hi"] = jnp.asarray(ceiling, jnp.float32)
             events.append(f"model map re-planned: {int(at_ceiling.sum())} atoms reached their B ceiling")
+    if not fold:
+        for k in ("positions", "b_factors", "occupancies", "resolutions"):
+            new.pop(k, None)
+    elif "b" in problem.u:
         # B units follow B (the map's curvature in B falls as B grows)
         new["unit_xyz"], new["unit_b"], new["unit_occ"] = units(
             b.astype(np.float64), np.asarray(problem.atoms.atomic_numbers), problem.resolution,
@@ -456,7 +476,8 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig) -> tuple[_Prob
     names = list(new)
     problem.args = eqx.tree_at(lambda a: [getattr(a, k) for k in names], args, [new[k] for k in names],
                                is_leaf=lambda x: x is None)
-    problem.u = {k: jnp.zeros_like(v) for k, v in problem.u.items()}
+    if fold:
+        problem.u = {k: jnp.zeros_like(v) for k, v in problem.u.items()}
     return problem, static, events
 
 
@@ -543,9 +564,14 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
         _REPORTERS[tag] = reporter
         monitor = _Monitor(jnp.asarray(tag, jnp.int32), callback is not None)
 
-    def run(st: Static, u, args, budget: int):
-        """One compiled run of one structure (the same compiled function for every call)."""
-        return minimise(_Objective(st), solver, u, args, per_run, jnp.asarray(budget, jnp.int32), _needs_host,
+    def start(st: Static, u, args, state=None):
+        """Where a run starts: the state a stopped run left (`state`), else a fresh one at `u`."""
+        return state if state is not None else _init_state(_Objective(st), solver, u, args, per_run)
+
+    def run(st: Static, state, args, budget: int):
+        """One compiled run of one structure (the same compiled function for every call, from a
+        fresh state or one that goes on)."""
+        return minimise(_Objective(st), solver, state, args, per_run, jnp.asarray(budget, jnp.int32), _needs_host,
                         None if reporter is None else _report, cfg.progress_every, monitor)
 
     def weigh(pr: _Problem, st: Static, cycle: int) -> None:
@@ -561,7 +587,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                 """(∇(n L_map), ∇E_geom) at u as flat float64 arrays: the objective's gradient at
                 w = 1 from the compiled run itself (no step taken) minus the restraints' own."""
                 g1 = np.concatenate([np.ravel(np.asarray(x, np.float64))
-                                     for x in jax.tree_util.tree_leaves(run(st, u, at_one, 0).grad)])
+                                     for x in jax.tree_util.tree_leaves(run(st, start(st, u, at_one), at_one, 0).grad)])
                 gg = np.concatenate([np.ravel(np.asarray(x, np.float64))
                                      for x in jax.tree_util.tree_leaves(geometry_gradient(u, at_one, st))])
                 return g1 - gg, gg
@@ -585,6 +611,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                 _balance_units(pr, parts, gm, gg, w)
         pr.weight = w
         pr.args = eqx.tree_at(lambda a: a.weight, pr.args, jnp.asarray(w, jnp.float32))
+        pr.state = None  # another objective: the L-BFGS memory starts again
 
     cycle = 0
     extra_cycles = 0
@@ -605,14 +632,16 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                 if batched:
                     # one compiled call for the batch; members that are done get no steps
                     args = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[pr.args for pr in problems])
-                    u = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[pr.u for pr in problems])
-                    states = _minimise_batch(_Objective(statics[0]), solver, u, args, per_run,
+                    starts = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[
+                        start(statics[0], pr.u, pr.args, pr.state) for pr in problems])
+                    states = _minimise_batch(_Objective(statics[0]), solver, starts, args, per_run,
                                              jnp.asarray(budget, jnp.int32))
                     states = [jax.tree_util.tree_map(lambda x, i=i: x[i], states) for i in range(len(problems))]
                 else:
                     if reporter is not None:
                         reporter.offset = problems[0].steps
-                    states = [run(statics[0], problems[0].u, problems[0].args, budget[0])]
+                    pr = problems[0]
+                    states = [run(statics[0], start(statics[0], pr.u, pr.args, pr.state), pr.args, budget[0])]
                 stopped = False
                 for i, (pr, state) in enumerate(zip(problems, states)):
                     if budget[i] == 0:
@@ -627,6 +656,9 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                         continue
                     pr.u = state.y
                     pr.result = RESULT_NAMES[code]
+                    # a run stopped for the host's work goes on from where it stopped (its L-BFGS
+                    # memory kept); one that ended starts the next afresh
+                    pr.state = state if code == STOPPED else None
                     if code == STOPPED:
                         stopped = True
                     elif code != MAX_STEPS:
@@ -635,7 +667,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                 for i, pr in enumerate(problems):
                     if pr.done:
                         continue
-                    pr, st, events = _rebase(pr, statics[i], cfg)
+                    pr, st, events = _rebase(pr, statics[i], cfg, fold=pr.state is None)
                     statics[i] = st
                     pr.events.extend(f"cycle {cycle}: {e}" for e in events)
                     if pr.result == "converged" and not events and not (st.restrain_xyz and cfg.map_weight == "auto"):
@@ -673,9 +705,16 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
 
 
 @eqx.filter_jit
-def _minimise_batch(fn, solver, u, args, max_steps: int, budget):
-    """`minimise` vmapped over a batch of structures (leading axis of `u`, `args` and `budget`)."""
-    return eqx.filter_vmap(lambda u_, a_, b_: minimise(fn, solver, u_, a_, max_steps, b_, _needs_host))(u, args, budget)
+def _init_state(fn, solver: LBFGS, u, args, max_steps: int):
+    """A fresh solver state at `u` (compiled: no objective is evaluated)."""
+    return solver.init(fn, u, args, max_steps)
+
+
+@eqx.filter_jit
+def _minimise_batch(fn, solver, states, args, max_steps: int, budget):
+    """`minimise` vmapped over a batch of structures (leading axis of `states`, `args` and `budget`)."""
+    return eqx.filter_vmap(lambda s_, a_, b_: minimise(fn, solver, s_, a_, max_steps, b_, _needs_host))(
+        states, args, budget)
 
 
 def _same_capacity(problems) -> None:

@@ -74,6 +74,14 @@ class SolverState(eqx.Module):
     history: PyTree  # per accepted step (row 0: the start): value and aux
 
 
+def _empty_history(f, aux, max_steps: int) -> dict:
+    """Rows for the start and `max_steps` accepted steps: NaN (floats) or 0 until written."""
+    return {"value": jnp.full((max_steps + 1,), jnp.nan, f.dtype),
+            "aux": jax.tree_util.tree_map(lambda s: jnp.full((max_steps + 1, *s.shape), jnp.nan, s.dtype)
+                                          if jnp.issubdtype(s.dtype, jnp.floating)
+                                          else jnp.zeros((max_steps + 1, *s.shape), s.dtype), aux)}
+
+
 class LBFGS(eqx.Module):
     """L-BFGS with a strong-Wolfe line search (module docs).
 
@@ -119,17 +127,28 @@ class LBFGS(eqx.Module):
         zero_aux = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_struct)
         zeros_y = jax.tree_util.tree_map(jnp.zeros_like, y)
         f0 = jnp.zeros((), dt)
-        history = {"value": jnp.full((max_steps + 1,), jnp.nan, dt),
-                   "aux": jax.tree_util.tree_map(lambda s: jnp.full((max_steps + 1, *s.shape), jnp.nan, s.dtype)
-                                                 if jnp.issubdtype(s.dtype, jnp.floating)
-                                                 else jnp.zeros((max_steps + 1, *s.shape), s.dtype), aux_struct)}
         i0 = jnp.zeros((), jnp.int32)
         return SolverState(
             y=y, f=f0, grad=zeros_y, aux=zero_aux, d=zeros_y, slope=f0, memory=self._fresh(y),
             search=self.search.init(f0, -jnp.ones((), dt), 0.0),
             best=(y, f0, zeros_y, zero_aux, f0, f0), has_best=jnp.zeros((), bool), started=jnp.zeros((), bool),
-            step=i0, evaluations=i0, quiet=i0, result=i0, history=history,
+            step=i0, evaluations=i0, quiet=i0, result=i0, history=_empty_history(f0, zero_aux, max_steps),
         )
+
+    def resume(self, state: SolverState, max_steps: int) -> SolverState:
+        """`state` (where an earlier run stopped) as the start of a new run: its point, value,
+        gradient, search direction, line search and L-BFGS memory kept; the counts, the result and
+        the history (row 0: the point) begun anew.
+
+        For a run stopped for the host's work (a rebuilt contact list, re-planned render windows)
+        whose objective is the same function of the same parameters: restarting the memory there
+        cost 7CEC's B from a flat start 95 evaluations instead of 62."""
+        history = _empty_history(state.f, state.aux, max_steps)
+        history = {"value": history["value"].at[0].set(jnp.where(state.started, state.f, jnp.nan)),
+                   "aux": jax.tree_util.tree_map(lambda h, x: h.at[0].set(x), history["aux"], state.aux)}
+        i0 = jnp.zeros((), jnp.int32)
+        return eqx.tree_at(lambda s: (s.step, s.evaluations, s.quiet, s.result, s.history), state,
+                           (i0, i0, i0, i0, history))
 
     def step(self, fn, state: SolverState, args, max_steps: int, budget, stop=None, callback=None, every: int = 1,
              monitor=None):
@@ -232,7 +251,9 @@ def minimise(
 
     - `fn`: the objective (scalar value and an aux pytree of arrays); hashable (it is static).
     - `solver`: an `LBFGS`.
-    - `y0`: the start (a pytree of float arrays).
+    - `y0`: the start (a pytree of float arrays), or the `SolverState` of an earlier run to go on
+      from (`LBFGS.resume`: its L-BFGS memory and line search kept). A run from a state that
+      `solver.init` made is the same as one from its `y`, and compiles once with the runs that go on.
     - `args`: the objective's other arguments (traced).
     - `max_steps`: accepted steps at most (static: sizes the history).
     - `budget`: accepted steps at most for this run (traced: another budget does not recompile);
@@ -244,7 +265,7 @@ def minimise(
     **Returns:** the final `SolverState` (`y`, `f`, `aux`, `step`, `result`, `history`).
     """
     budget = jnp.asarray(max_steps if budget is None else budget, jnp.int32)
-    state = solver.init(fn, y0, args, max_steps)
+    state = solver.resume(y0, max_steps) if isinstance(y0, SolverState) else solver.init(fn, y0, args, max_steps)
     state = jax.lax.while_loop(
         lambda s: ~solver.terminate(s),
         lambda s: solver.step(fn, s, args, max_steps, budget, stop, callback, every, monitor),
