@@ -264,7 +264,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc["plots"] = [] if a.extra else plots(results, out.with_suffix(""))  # the extra set has no series to plot
     out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out} and {', '.join(doc['plots'])} in {doc['elapsed_s']:.0f} s")
+    plots = f" and {', '.join(doc['plots'])}" if doc["plots"] else ""
+    print(f"wrote {out}{plots} in {doc['elapsed_s']:.0f} s")
     return 0
 
 
