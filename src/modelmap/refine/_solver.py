@@ -113,10 +113,21 @@ class LBFGS(eqx.Module):
         shapes = jax.eval_shape(self._tx.update, y, memory, y)[1]
         return jax.tree_util.tree_map(lambda x, s: jnp.asarray(x, s.dtype), memory, shapes)
 
+    def _scaled_gradient(self, grad, y):
+        """`_direction(grad, _fresh(y), y)` in closed form: optax's first L-BFGS step is the gradient
+        times min(1, 1/|g|), and its memory then holds only (y, grad). Written out, the loop's compiled
+        graph holds one two-loop recursion instead of two (compiling the solver alone: 1.6 s → 1.0 s)."""
+        norm = jnp.sqrt(_vdot(grad, grad))
+        scale = jnp.minimum(1.0, 1.0 / norm)
+        d = jax.tree_util.tree_map(lambda g: (-scale * g).astype(g.dtype), grad)
+        lbfgs, *rest = self._fresh(y)
+        lbfgs = lbfgs._replace(count=jnp.ones_like(lbfgs.count), params=y, updates=grad)
+        return d, (lbfgs, *rest), _vdot(grad, d)
+
     def _descent(self, grad, memory, y):
         """A descent direction from the memory, or from a fresh memory (a scaled gradient step)."""
         d1, m1, s1 = self._direction(grad, memory, y)
-        d0, m0, s0 = self._direction(grad, self._fresh(y), y)
+        d0, m0, s0 = self._scaled_gradient(grad, y)
         ok = s1 < 0
         return _where(ok, d1, d0), _where(ok, m1, m0), jnp.where(ok, s1, s0)
 
