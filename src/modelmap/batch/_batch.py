@@ -143,8 +143,10 @@ def render_stacked(
     def run(d, shared):
         fn, rest = shared
         n = jax.tree_util.tree_leaves(d)[0].shape[0]
-        return lax.map(lambda x: fn(eqx.combine(x, rest)), d,
-                       batch_size=None if batch_size is None else min(int(batch_size), n))
+        size = None if batch_size is None else min(int(batch_size), n)
+        # one at a time without vmap: lax.map(batch_size=1) vmaps each step over an axis of 1, which
+        # turns the CPU window loop's in-place updates into scatters and makes its trip count batched
+        return lax.map(lambda x: fn(eqx.combine(x, rest)), d, batch_size=None if size == 1 else size)
 
     if mesh is None:
         return run(dynamic, (render_fn, static))
