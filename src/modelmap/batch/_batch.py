@@ -123,7 +123,7 @@ def render_stacked(
     render_fn: AbstractRenderFn, volumes: AbstractVolume, batch_size: int | None = None, mesh: Mesh | None = None
 ) -> Float[Array, "B nz ny nx"]:
     """The map of every volume of a stacked batch: `lax.map` over the leading axis, `batch_size`
-    volumes at a time (vmapped inside each step; `None`: all at once).
+    volumes at a time (vmapped inside each step; `None` or 1: one at a time, without vmap).
 
     **Arguments:**
 
