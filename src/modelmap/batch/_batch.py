@@ -184,7 +184,8 @@ def render_poses(
         r, t = pose
         return render_fn(volume.rotate_to_pose(r, center).translate_to_pose(t))
 
-    return lax.map(one, (rotations, shifts), batch_size=None if batch_size is None else min(int(batch_size), p))
+    size = None if batch_size is None else min(int(batch_size), p)
+    return lax.map(one, (rotations, shifts), batch_size=None if size == 1 else size)  # as render_stacked
 
 
 class BatchGroup(eqx.Module):
