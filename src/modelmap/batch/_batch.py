@@ -123,7 +123,7 @@ def render_stacked(
     render_fn: AbstractRenderFn, volumes: AbstractVolume, batch_size: int | None = None, mesh: Mesh | None = None
 ) -> Float[Array, "B nz ny nx"]:
     """The map of every volume of a stacked batch: `lax.map` over the leading axis, `batch_size`
-    volumes at a time (vmapped inside each step; `None`: all at once).
+    volumes at a time (vmapped inside each step; `None` or 1: one at a time, without vmap).
 
     **Arguments:**
 
@@ -143,8 +143,10 @@ def render_stacked(
     def run(d, shared):
         fn, rest = shared
         n = jax.tree_util.tree_leaves(d)[0].shape[0]
-        return lax.map(lambda x: fn(eqx.combine(x, rest)), d,
-                       batch_size=None if batch_size is None else min(int(batch_size), n))
+        size = None if batch_size is None else min(int(batch_size), n)
+        # one at a time without vmap: lax.map(batch_size=1) vmaps each step over an axis of 1, which
+        # turns the CPU window loop's in-place updates into scatters and makes its trip count batched
+        return lax.map(lambda x: fn(eqx.combine(x, rest)), d, batch_size=None if size == 1 else size)
 
     if mesh is None:
         return run(dynamic, (render_fn, static))
@@ -182,7 +184,8 @@ def render_poses(
         r, t = pose
         return render_fn(volume.rotate_to_pose(r, center).translate_to_pose(t))
 
-    return lax.map(one, (rotations, shifts), batch_size=None if batch_size is None else min(int(batch_size), p))
+    size = None if batch_size is None else min(int(batch_size), p)
+    return lax.map(one, (rotations, shifts), batch_size=None if size == 1 else size)  # as render_stacked
 
 
 class BatchGroup(eqx.Module):
