@@ -367,7 +367,24 @@ def axis_factors(d, variances, voxel: float, sampling: str):
     return 0.5 / voxel * _erf_diff((d - 0.5 * voxel) * scale, (d + 0.5 * voxel) * scale)
 
 
-class GaussianKernel(eqx.Module):
+class AbstractPerSourceKernel(eqx.Module):
+    """A window kernel whose values the CPU loop can compute one source at a time, where it adds
+    them: `factors` once per chunk, `window` per source, `silent` for sources that add nothing."""
+
+    @abc.abstractmethod
+    def factors(self, dx, dy, dz, *S) -> tuple:
+        """Per-source tables `(c, ...)` from a chunk's offsets and parameters."""
+
+    @abc.abstractmethod
+    def window(self, *tables_i) -> Array:
+        """One source's window `(wz, wy, wx)` from its rows of `factors`."""
+
+    @abc.abstractmethod
+    def silent(self, *S) -> Array:
+        """`(c,)` True for sources whose window is exactly 0."""
+
+
+class GaussianKernel(AbstractPerSourceKernel):
     """Window values of a sum of isotropic Gaussians (separable: one factor per axis).
 
     Sources: `A` `(c, K)` amplitudes (integrals) and `V` `(c, K)` per-axis variances (Å²).
@@ -515,7 +532,7 @@ def _bucket_splatter(
         def source(j):
             return j
 
-        if forward_kernel is None and hasattr(kernel, "window"):
+        if forward_kernel is None and isinstance(kernel, AbstractPerSourceKernel):
             # each window computed where it is added (see `GaussianKernel.factors`), and only the
             # sources that add anything: live ones, in their order, first; padding slots and silent
             # sources (zero amplitudes: a batch's padding atoms) are skipped, as they add exact 0
