@@ -183,16 +183,17 @@ def _b_ceiling(b: np.ndarray, margin, cfg: RefineConfig) -> np.ndarray:
     The windows' cost grows with the ceiling (their volume as (B + B_x)^{3/2}), and each time an
     atom reaches its ceiling the run stops and every atom is re-planned around its B (dealt into
     the compiled windows' free slots, `_n_spare`: a restart of the solver, not a compilation).
-    Every margin starts at `b_window`, and an atom that reached its ceiling gets twice its margin
-    at the re-plan (`_grown_margin`): narrow windows where B settles, a few re-plans where it
-    travels. Measured on 7CEC chain A (2 cores, same hour): a value and gradient of its xyz+B
+    Every margin starts at `b_window`, and at a re-plan an atom whose B rose by more than half
+    its margin gets twice the margin (`_grown_margin`): narrow windows where B settles, a few
+    re-plans where it travels. Measured on 7CEC chain A (2 cores, same hour): a value and gradient of its xyz+B
     start took 133 ms with B + 60 Å² and 188 ms with B + max(60, B) for every atom."""
     return np.minimum(b + margin, cfg.b_bounds[1])
 
 
 def _grown_margin(margin: np.ndarray, b: np.ndarray, planned: np.ndarray) -> np.ndarray:
     """The B margins at a re-plan: doubled for the atoms whose B rose by more than half their
-    margin since the last plan (`planned`: their B then), the ones at their ceiling among them."""
+    margin since the last plan (`planned`: their B then, or less where the ceiling was cut at the
+    upper bound), the ones at their ceiling among them."""
     return np.where(b - planned > 0.5 * margin, 2.0 * margin, margin)
 
 
