@@ -3,6 +3,9 @@
 
     PYTHONPATH=src python benchmarks/bench_scale.py            # full (about 10-15 min on 2 cores)
     PYTHONPATH=src python benchmarks/bench_scale.py --quick    # fewer sizes (a few minutes)
+    PYTHONPATH=src python benchmarks/bench_scale.py --extra    # shells, splat gradient at 317k, 10⁶ atoms
+    PYTHONPATH=src python benchmarks/bench_scale.py --fourier  # NUFFT over atoms; Fourier and shells over grids
+    python benchmarks/bench_scale.py --plot FULL.json EXTRA.json FOURIER.json   # every series in one plot
 
 Every case runs in its own subprocess, so that its peak memory (`ru_maxrss` of that process: the
 import of JAX and modelmap included, about 0.3 GB) is its own. Times: the first call (compilation
@@ -127,6 +130,9 @@ def run_case(case: dict) -> dict:
         elif renderer == "shells":
             vol = mm.ShellDecompositionVolume.from_atoms(atoms, res, n_terms=6)
             fn = mm.ShellRenderFn(grid)
+        elif renderer == "nufft":
+            vol = mm.IndependentAtomVolume.from_atoms(atoms, res)
+            fn = mm.NufftRenderFn(grid)
         else:
             vol = mm.IndependentAtomVolume.from_atoms(atoms, res)
             fn = mm.SplatFourierRenderFn(grid)
@@ -199,16 +205,20 @@ def _series_plot(results, series: str, x_of, xlabel: str, what: str, path: Path,
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for renderer, marker in (("gaussian", "o"), ("splat_fourier", "s"), ("shells", "^")):
-        rs = sorted((r for r in results if r["kind"] == "plain" and r.get("series") == series
-                     and r.get("renderer") == renderer and "forward_s" in r), key=x_of)
+    for i, (renderer, marker) in enumerate((("gaussian", "o"), ("splat_fourier", "s"), ("shells", "^"), ("nufft", "D"))):
+        # the atoms series runs on to the 10⁶-atom case where it was rendered (`--extra`)
+        rs = sorted((r for r in results if r["kind"] == "plain" and r.get("renderer") == renderer
+                     and (r.get("series") == series or (series == "atoms" and r.get("series") == "1e6"))
+                     and "forward_s" in r), key=x_of)
         if not rs:
             continue
         x = [x_of(r) for r in rs]
-        axes[0].loglog(x, [r["forward_s"] for r in rs], marker + "-", label=f"{renderer} forward")
-        if all("vag_s" in r for r in rs):
-            axes[0].loglog(x, [r["vag_s"] for r in rs], marker + "--", label=f"{renderer} value_and_grad")
-        axes[1].loglog(x, [r["peak_rss_gb"] for r in rs], marker + "-", label=renderer)
+        axes[0].loglog(x, [r["forward_s"] for r in rs], marker + "-", color=f"C{i}", label=f"{renderer} forward")
+        g = [r for r in rs if "vag_s" in r]
+        if g:
+            axes[0].loglog([x_of(r) for r in g], [r["vag_s"] for r in g], marker + "--", color=f"C{i}", mfc="none",
+                           label=f"{renderer} value_and_grad")
+        axes[1].loglog(x, [r["peak_rss_gb"] for r in rs], marker + "-", color=f"C{i}", label=renderer)
     g = [r for r in results if r["kind"] == "gemmi" and "forward_s" in r]
     if gemmi_point and g:
         axes[0].loglog([x_of(g[0])], [g[0]["forward_s"]], "k*", ms=12, label="gemmi DensityCalculatorE (4YVS)")
@@ -240,10 +250,21 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer sizes")
     p.add_argument("--extra", action="store_true", help="only the shell series, the splat-Fourier gradient at "
                    "317k atoms and the 10⁶-atom renders (written to bench_scale_<date>_extra.json)")
+    p.add_argument("--fourier", action="store_true", help="only the NUFFT atoms series (1k to 317k) and the grid "
+                   "series of the NUFFT, splat-Fourier and shell renderers (written to bench_scale_<date>_fourier.json)")
+    p.add_argument("--plot", nargs="+", metavar="JSON", help="only plot: the series of these result files together "
+                   "(e.g. a full run, its --extra and --nufft runs), beside the first one as <stem>_all_*.png")
     p.add_argument("--out", help="JSON path (default benchmarks/results/bench_scale_<date>.json)")
     a = p.parse_args(argv)
     if a.case:
         print("CASE " + json.dumps(run_case(json.loads(a.case))), flush=True)
+        return 0
+    if a.plot:
+        # a case measured again in a later file replaces the earlier row
+        key = lambda r: tuple(str(r.get(k)) for k in ("kind", "series", "renderer", "n_atoms", "box", "slabs", "limit"))  # noqa: E731
+        merged = list({key(r): r for f in a.plot for r in json.loads(Path(f).read_text())["results"]}.values())
+        first = Path(a.plot[0])
+        print("wrote " + ", ".join(plots(merged, first.with_name(first.stem + "_all"))))
         return 0
     import gemmi
     import jax
@@ -252,20 +273,21 @@ def main(argv=None) -> int:
     atoms_series = [1000, 10000, 100000, None] if not a.quick else [1000, 30000, None]
     boxes = [64, 128, 256, 512] if not a.quick else [64, 128, 256]
     print(f"{'case':28s} {'atoms':>9} {'grid x,y,z':>13} {'fwd s':>9} {'vag s':>9} {'1st fwd':>9} {'RSS GB':>7}")
-    results = extra_cases() if a.extra else main_cases(atoms_series, boxes, a.quick)
+    results = extra_cases() if a.extra else fourier_cases() if a.fourier else main_cases(atoms_series, boxes, a.quick)
     doc = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
                     "jax": jax.__version__, "gemmi": gemmi.__version__, "device": str(jax.devices()[0])},
         "command": " ".join(sys.argv), "elapsed_s": time.perf_counter() - started, "results": results,
     }
-    suffix = "_extra" if a.extra else ""
+    suffix = "_extra" if a.extra else "_fourier" if a.fourier else ""
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"bench_scale_{datetime.date.today():%Y%m%d}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc["plots"] = [] if a.extra else plots(results, out.with_suffix(""))  # the extra set has no series to plot
+    # the extra and Fourier sets alone make no whole series: plot them with `--plot` beside a full run
+    doc["plots"] = [] if a.extra or a.fourier else plots(results, out.with_suffix(""))
     out.write_text(json.dumps(doc, indent=1))
-    plots = f" and {', '.join(doc['plots'])}" if doc["plots"] else ""
-    print(f"wrote {out}{plots} in {doc['elapsed_s']:.0f} s")
+    written = f" and {', '.join(doc['plots'])}" if doc["plots"] else ""
+    print(f"wrote {out}{written} in {doc['elapsed_s']:.0f} s")
     return 0
 
 
@@ -283,6 +305,21 @@ def extra_cases() -> list[dict]:
                           "grad": False, "repeats": 1}))
     results.append(spawn({"kind": "streamed_auto", "series": "1e6", "renderer": "gaussian", "n": None, "tiles": 4,
                           "repeats": 1}))
+    return results
+
+
+def fourier_cases() -> list[dict]:
+    """The exact Fourier map (`NufftRenderFn`, jax-finufft on the CPU) over the atoms series at 3 Å
+    (forward to 317k atoms, value_and_grad to 10⁴), and the grid series (10k atoms, 64³ to 256³) of
+    the NUFFT, splat-Fourier and shell renderers at 4 Å (a 64³ box over 10k atoms has voxels of
+    about 1.6 Å: Nyquist 3.2 Å)."""
+    results = [spawn({"kind": "plain", "series": "atoms", "renderer": "nufft", "n": n, "resolution": 3.0,
+                      "grad": n is not None and n <= 10000, "repeats": 2 if n is not None and n <= 10000 else 1})
+               for n in (1000, 10000, 100000, None)]
+    for renderer in ("nufft", "splat_fourier", "shells"):
+        for box in (64, 128, 256):
+            results.append(spawn({"kind": "plain", "series": "grid", "renderer": renderer, "n": 10000, "box": box,
+                                  "resolution": 4.0, "grad": box <= 128}))
     return results
 
 
