@@ -28,12 +28,14 @@ class RefineConfig:
     - `rtol`: a step that lowers the objective by less than `rtol` × |objective| is quiet; three
       quiet steps in a row end a run (converged).
     - `map_weight`: `"auto"` (module docs of `modelmap.refine._refine`) or a fixed w.
-    - `weight_scale`: multiplies the automatic w. 0.5 by default, measured on 7CEC chain A (same
-      200 steps): against EMD-30342, 1.0 let the map pull atoms into noise (angle rmsd 3.4° after
-      the first cycle, 30+ clashes), 0.5 gave CC_mask 0.863, mean Q 0.484, 6 clashes under 2.2 Å,
-      bonds 0.012 Å, angles 1.8° (0.3: 0.852, 0.476, 2 clashes); against a noise-free synthetic map
-      (xyz + B from a 0.3 Å / 15 Å² perturbed start, 250 steps) 0.5 reached coordinate rmsd 0.083 Å
-      and B RMSE 2.6 Å² where 0.3 stopped at 0.10 Å and 3.8 Å².
+    - `weight_scale`: multiplies the automatic w. 0.4 by default, measured on 7CEC chain A (200
+      steps) against EMD-30342: 0.4 gave CC_mask 0.880, mean Q 0.476, 4 contacts under 2.2 Å (the
+      deposited model's 4), bonds 0.008 Å, angles 1.40°, 2 backbone atoms moved > 3 Å; 0.5 gave
+      0.892, 0.482, 11 contacts, 0.013 Å, 2.14°, 8 backbone atoms (the same code, 2026-12-06;
+      servalcat: 0.847, 0.456, 11 contacts); 1.0 let the map pull atoms into noise (angle rmsd 3.4°
+      after the first cycle, 30+ clashes). Against a noise-free synthetic map (xyz + B from a
+      0.3 Å / 15 Å² perturbed start, 250 steps) 0.4 reached coordinate rmsd 0.091 Å and B RMSE
+      2.2 Å² (criteria rmsd ≤ 0.2 Å, B r ≥ 0.98 from step 27; 0.5: step 26).
     - `max_bond_rmsd` (Å), `max_angle_rmsd` (°): the geometry the automatic weight keeps.
     - `b_bounds`: physical bounds of B in Å² (every atom stays within them, nothing else bounds B).
     - `d_bounds`: bounds of per-atom resolutions in Å.
@@ -56,7 +58,7 @@ class RefineConfig:
     macro_cycles: int = 3
     rtol: float = 1e-7
     map_weight: float | Literal["auto"] = "auto"
-    weight_scale: float = 0.5
+    weight_scale: float = 0.4
     max_bond_rmsd: float = 0.02
     max_angle_rmsd: float = 2.5
     b_bounds: tuple[float, float] = (1.0, 500.0)
