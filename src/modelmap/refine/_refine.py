@@ -434,9 +434,7 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = T
     args = problem.args
     pos, b, occ, res = (None if x is None else np.asarray(x) for x in _build_jit(problem.u, args))
     events = []
-    new = {"positions": jnp.asarray(pos), "b_factors": jnp.asarray(b), "occupancies": jnp.asarray(occ)}
-    if res is not None:
-        new["resolutions"] = jnp.asarray(res)
+    new = {}
     shift = float(np.sqrt(np.max(np.sum((pos - np.asarray(args.list_positions)) ** 2, -1))))
     if problem.restraints is not None and shift > 0.25 * problem.restraints.nonbonded_buffer:
         capacity = int(problem.restraints.nonbonded_index.shape[0])
@@ -465,10 +463,11 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = T
                                                                          static.render_fn, pos))
             new["b_hi"] = jnp.asarray(ceiling, jnp.float32)
             events.append(f"model map re-planned: {int(at_ceiling.sum())} atoms reached their B ceiling")
-    if not fold:
-        for k in ("positions", "b_factors", "occupancies", "resolutions"):
-            new.pop(k, None)
-    elif "b" in problem.u:
+    if fold:
+        new.update(positions=jnp.asarray(pos), b_factors=jnp.asarray(b), occupancies=jnp.asarray(occ))
+        if res is not None:
+            new["resolutions"] = jnp.asarray(res)
+    if fold and "b" in problem.u:
         # B units follow B (the map's curvature in B falls as B grows)
         new["unit_xyz"], new["unit_b"], new["unit_occ"] = units(
             b.astype(np.float64), np.asarray(problem.atoms.atomic_numbers), problem.resolution,

@@ -394,12 +394,10 @@ class GaussianKernel(AbstractPerSourceKernel):
     sampling: str = eqx.field(static=True)
 
     def __call__(self, dx, dy, dz, A, V):
-        fx = axis_factors(dx, V, self.voxel[0], self.sampling)
-        fy = axis_factors(dy, V, self.voxel[1], self.sampling)
-        fz = axis_factors(dz, V, self.voxel[2], self.sampling)
+        fx, fy, afz = self.factors(dx, dy, dz, A, V)
         c, k = A.shape
-        wz, wy, wx = fz.shape[-1], fy.shape[-1], fx.shape[-1]
-        t = (A[:, :, None, None] * fz[:, :, :, None] * fy[:, :, None, :]).reshape(c, k, wz * wy)
+        wz, wy, wx = afz.shape[-1], fy.shape[-1], fx.shape[-1]
+        t = (afz[:, :, :, None] * fy[:, :, None, :]).reshape(c, k, wz * wy)
         return jnp.einsum("ckp,ckx->cpx", t, fx).reshape(c, wz, wy, wx)
 
     # One source at a time (the CPU loop's forward map): `factors` once per chunk, `window` per source
