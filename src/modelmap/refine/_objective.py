@@ -37,7 +37,7 @@ from ._loss import cc_loss, least_squares_loss, q_loss
 from ._parameters import UNITS, build, shifted
 from ._restraints import Restraints
 
-__all__ = ["Args", "Static", "geometry_gradient", "objective"]
+__all__ = ["Args", "Static", "objective"]
 
 
 class Static(eqx.Module):
@@ -174,11 +174,3 @@ def objective(u: dict, args: Args, static: Static):
     aux = {"map_loss": map_loss, "geometry": geometry, "bond_rmsd": bond, "angle_rmsd": angle, "shift": shift,
            "stale_shift": args.stale_shift, "at_ceiling": ceiling}
     return value, jax.tree_util.tree_map(lambda x: jax.lax.stop_gradient(x).astype(dt), aux)
-
-
-@eqx.filter_jit
-def geometry_gradient(u: dict, args: Args, static: Static) -> dict:
-    """∇_u E_geom at `u`: the restraints' part of the objective's gradient (no model map: cheap to
-    compile). With the objective's gradient at map weight 1 (whose bound penalty vanishes inside
-    the bounds) it splits the gradient into its map and restraint parts (`refine`'s weight)."""
-    return jax.grad(_geometry)(u, args, static)
