@@ -32,8 +32,8 @@ is at most a third of the previous one. When only B, occupancies or
 resolutions are refined it is set once, at the start, and kept: re-weighing from gradients that
 shrink as the fit converges made B-only refinement drift with more steps. Both gradients come
 from the compiled run itself, with no step taken: the objective's at w = 1, and at w = 0, where
-only the restraints are left (a separate restraints-only gradient compiled in 1.6 s on 7CEC, as
-long as 13 steps).
+only the restraints are left (a separate restraints-only gradient took 1.6 s to compile on 7CEC
+chain A).
 
 **Units across kinds.** When B, occupancies or resolutions are refined beside coordinates, their
 units are rescaled once, at the start, to the objective's curvature of the coordinates at the
