@@ -10,6 +10,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,6 +28,10 @@ from ._library import (
     residue_template,
 )
 from ._restraints import Restraints, RestraintWeights, _dihedral
+
+# one compiled call per peptide link: `_dihedral`'s dozen operations dispatched one by one for each of
+# 7CEC chain A's 550 links took about 0.3 s of build_restraints' 0.9 s
+_dihedral_jit = jax.jit(_dihedral)
 
 __all__ = ["build_restraints"]
 
@@ -182,7 +187,7 @@ def build_restraints(
         if omega:  # cis or trans as in the input (a class, not a value taken from the model)
             named = [(0, "CA"), (0, "C"), (1, "N"), (1, "CA")]
             for combo in _resolve(named, [residues[s] for s in slots], altloc):
-                w = float(_dihedral(*(np.asarray(pos[i]) for i in combo)))
+                w = float(_dihedral_jit(*(np.asarray(pos[i]) for i in combo)))
                 torsions.setdefault(combo, (180.0 if abs(w) > math.pi / 2 else 0.0, OMEGA_SIGMA))
         for x, y, d0, sg in lb:
             add("bond", bonds, [x, y], (d0, sg), slots)
