@@ -582,12 +582,12 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
         elif pr.restraints is None or not st.use_geometry:
             w = 1.0  # nothing to balance the map against
         else:
-            at = {w: eqx.tree_at(lambda a: a.weight, pr.args, jnp.asarray(w, jnp.float32)) for w in (0.0, 1.0)}
+            at = {x: eqx.tree_at(lambda a: a.weight, pr.args, jnp.asarray(x, jnp.float32)) for x in (0.0, 1.0)}
 
-            def gradient(u, w: float) -> np.ndarray:
-                """The objective's gradient at u and map weight w, flat, in float64: from the
+            def gradient(u, weight: float) -> np.ndarray:
+                """The objective's gradient at u and map weight `weight`, flat, in float64: from the
                 compiled run itself (no step taken), so that no other function is compiled."""
-                state = run(st, start(st, u, at[w]), at[w], 0)
+                state = run(st, start(st, u, at[weight]), at[weight], 0)
                 return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(state.grad)])
 
             def parts(u):
