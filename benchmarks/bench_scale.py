@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--fourier", action="store_true", help="only the NUFFT atoms series (1k to 317k) and the grid "
                    "series of the NUFFT, splat-Fourier and shell renderers (written to bench_scale_<date>_fourier.json)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="only plot: the series of these result files together "
-                   "(e.g. a full run, its --extra and --nufft runs), beside the first one as <stem>_all_*.png")
+                   "(e.g. a full run, its --extra and --fourier runs), beside the first one as <stem>_all_*.png")
     p.add_argument("--out", help="JSON path (default benchmarks/results/bench_scale_<date>.json)")
     a = p.parse_args(argv)
     if a.case:

@@ -465,20 +465,20 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = T
             new["b_hi"] = jnp.asarray(ceiling, jnp.float32)
             events.append(f"model map re-planned: {int(at_ceiling.sum())} atoms reached their B ceiling")
     if fold:
+        # the parameters folded into the model: the run starts again at u = 0
         new.update(positions=jnp.asarray(pos), b_factors=jnp.asarray(b), occupancies=jnp.asarray(occ))
         if res is not None:
             new["resolutions"] = jnp.asarray(res)
-    if fold and "b" in problem.u:
-        # B units follow B (the map's curvature in B falls as B grows)
-        new["unit_xyz"], new["unit_b"], new["unit_occ"] = units(
-            b.astype(np.float64), np.asarray(problem.atoms.atomic_numbers), problem.resolution,
-            get_table(cfg.table), jnp.float32)
-        new["unit_b"] = new["unit_b"] * problem.unit_scale.get("b", 1.0)
+        if "b" in problem.u:
+            # B units follow B (the map's curvature in B falls as B grows)
+            new["unit_xyz"], new["unit_b"], new["unit_occ"] = units(
+                b.astype(np.float64), np.asarray(problem.atoms.atomic_numbers), problem.resolution,
+                get_table(cfg.table), jnp.float32)
+            new["unit_b"] = new["unit_b"] * problem.unit_scale.get("b", 1.0)
+        problem.u = {k: jnp.zeros_like(v) for k, v in problem.u.items()}
     names = list(new)
     problem.args = eqx.tree_at(lambda a: [getattr(a, k) for k in names], args, [new[k] for k in names],
                                is_leaf=lambda x: x is None)
-    if fold:
-        problem.u = {k: jnp.zeros_like(v) for k, v in problem.u.items()}
     return problem, static, events
 
 
