@@ -261,6 +261,32 @@ def test_a_second_refinement_with_a_callback_compiles_nothing():
     assert [s for t, s in seen if t == "second"] == list(r.history["step"])
 
 
+@pytest.mark.x64
+def test_the_declared_objective_structure_is_the_traced_one(monkeypatch):
+    """The solver's state is made from `objective_structure` instead of tracing the objective: it
+    must be what tracing gives (dtypes too: a mismatch breaks the loop's carry), here with 64-bit
+    floats on, where a value promoted to float64 would show."""
+    from modelmap.refine import _refine as R
+
+    model = _helix()
+    grid, target = _target(model)
+    seen = []
+    init = R._init_state
+
+    def spy(fn, solver, u, args, max_steps, structure):
+        seen.append((structure, eqx.filter_eval_shape(fn, u, args)))
+        return init(fn, solver, u, args, max_steps, structure)
+
+    monkeypatch.setattr(R, "_init_state", spy)
+    refine(model, target, 3.0, grid=grid, parameters=("xyz", "b", "occ"), max_steps=1, macro_cycles=1,
+           progress=False)
+    assert seen
+    for declared, traced in seen:
+        assert jax.tree_util.tree_structure(declared) == jax.tree_util.tree_structure(traced)
+        for d, t in zip(jax.tree_util.tree_leaves(declared), jax.tree_util.tree_leaves(traced)):
+            assert (d.shape, d.dtype) == (t.shape, t.dtype)
+
+
 def test_b_from_a_flat_start_re_plans_without_recompiling():
     """Atoms whose B reaches the render plan's ceiling stop the run; every atom is re-planned around
     its B and dealt into the compiled plan's spare slots, so the loop compiles once (the b-flat case

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._arrays import put
 from .._errors import ModelmapError
 from .._residues import residue_kind
 from ._neighbours import VDW_RADII
@@ -245,29 +246,29 @@ def build_restraints(
     elements = [str(e).upper() for e in labels.element]
     radius = np.array([VDW_RADII.get(e, 0.0) if restrained[i] else 0.0 for i, e in enumerate(elements)])
 
-    f = lambda x: jnp.asarray(np.asarray(x, np.float64), dtype)  # noqa: E731
+    f = lambda x: put(np.asarray(x, np.float64), dtype)  # noqa: E731
     r = Restraints(
-        bond_index=jnp.asarray(bi, jnp.int32),
+        bond_index=put(bi, np.int32),
         bond_ideal=f([v[0] for v in bv]),
         bond_sigma=f([v[1] for v in bv]),
-        angle_index=jnp.asarray(ai, jnp.int32),
+        angle_index=put(ai, np.int32),
         angle_ideal=f(np.radians([v[0] for v in av])),
         angle_sigma=f(np.radians([v[1] for v in av])),
-        plane_index=jnp.asarray(pi, jnp.int32),
-        plane_mask=jnp.asarray(pm),
+        plane_index=put(pi, np.int32),
+        plane_mask=put(pm),
         plane_sigma=f(ps),
-        chiral_index=jnp.asarray(ci, jnp.int32),
+        chiral_index=put(ci, np.int32),
         chiral_ideal=f([v[0] for v in cv]),
         chiral_sigma=f([v[1] for v in cv]),
-        torsion_index=jnp.asarray(ti, jnp.int32),
+        torsion_index=put(ti, np.int32),
         torsion_ideal=f(np.radians([v[0] for v in tv])),
         torsion_sigma=f(np.radians([v[1] for v in tv])),
-        nonbonded_index=jnp.zeros((0, 2), jnp.int32),
+        nonbonded_index=put(np.zeros((0, 2), np.int32)),
         nonbonded_distance=f(np.zeros(0)),
-        alt_group_index=jnp.asarray(alt_index),
-        alt_group_mask=jnp.asarray(alt_mask),
+        alt_group_index=put(alt_index),
+        alt_group_mask=put(alt_mask),
         vdw_radius=f(radius),
-        altloc_code=jnp.asarray(altloc),
+        altloc_code=put(altloc),
         weights=weights if weights is not None else RestraintWeights(),
         b_sigma=float(b_sigma),
         occupancy_sigma=float(occupancy_sigma),

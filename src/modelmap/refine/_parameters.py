@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._arrays import put
+
 if TYPE_CHECKING:
     from ._objective import Args
 
@@ -107,7 +109,7 @@ def units(b0: np.ndarray, atomic_numbers: np.ndarray, resolution: float, table, 
     out = []
     for key in ("xyz", "b", "occ"):
         u = 1.0 / np.sqrt(np.maximum(curvatures[key], 1e-300))
-        out.append(jnp.asarray(UNITS[key] * np.clip(u / np.median(u), 0.1, 10.0), dtype))
+        out.append(put(UNITS[key] * np.clip(u / np.median(u), 0.1, 10.0), dtype))
     return tuple(out)
 
 

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._arrays import put
 from .._atoms import Atoms, validate_atoms
 from .._grid import Grid
 from ..io import AtomicModel, DensityMap
@@ -69,7 +70,7 @@ from ..scores import atom_neighbourhood_mask, select_probes
 from ..shells import D_RANGE
 from ..volumes import IndependentAtomVolume, ShellDecompositionVolume
 from ._config import PARAMETERS, RefineConfig
-from ._objective import Args, Static, objective
+from ._objective import Args, Static, objective, objective_structure
 from ._parameters import UNITS, build, group_units, parameter_groups, rigid_groups, units
 from ._report import Progress, RefineResult, geometry_report
 from ._build import build_restraints
@@ -175,7 +176,7 @@ def _as_inputs(model, target, grid):
         raise TypeError(f"model must be an AtomicModel or Atoms, got {type(model).__name__}")
     validate_atoms(atoms, "the model to refine", labels)
     data, grid = map_array(target, grid, what="the target map", dtype=np.float32)
-    return atoms, labels, jnp.asarray(data), grid
+    return atoms, labels, put(data), grid
 
 
 def _b_ceiling(b: np.ndarray, margin, cfg: RefineConfig) -> np.ndarray:
@@ -286,10 +287,10 @@ def _render_fn(grid: Grid, pos, z, b_ceiling, occ, res, per_atom: bool, cfg: Ref
     below = max(float(np.min(b_ceiling)) - floor, 0.0)
     pos = np.asarray(pos)
     pos = pos[0] if pos.ndim == 3 else pos  # a batch: windows depend on B and D, not on where atoms are
-    atoms = Atoms(jnp.asarray(pos), z, jnp.asarray(b_ceiling, jnp.float32), jnp.asarray(occ))
+    atoms = Atoms(put(pos), z, put(b_ceiling, np.float32), put(occ))
     if per_atom:
         k = _shell_terms(cfg)
-        vol = ShellDecompositionVolume.from_atoms(atoms, jnp.asarray(res_ref), cfg.table, k)
+        vol = ShellDecompositionVolume.from_atoms(atoms, put(res_ref), cfg.table, k)
         return ShellRenderFn(grid).with_plan(vol, b_margin=(below, 0.0), d_margin=cfg.d_margin if refine_res else 0.0)
     vol = IndependentAtomVolume.from_atoms(atoms, float(res), cfg.table)
     return SplatFourierRenderFn(grid, eps=1e-3, max_buckets=None if exact else 3).with_plan(vol, b_margin=(below, 0.0))
@@ -375,10 +376,10 @@ def _setup(model, target, resolution, cfg: RefineConfig, *, grid, restraints, mo
         if groups is None:
             return np.arange(n, dtype=np.int32), per_atom_units
         rel = group_units(pos0.astype(np.float64), b0.astype(np.float64), float(resolution), groups)
-        return groups, jnp.asarray(unit * rel, dtype)
+        return groups, put(unit * rel, dtype)
 
     occ_groups, unit_occ_group = grouped(occ_groups, UNITS["occ"], unit_occ)
-    res_groups, unit_res_group = grouped(res_groups, UNITS["res"], jnp.full((n,), UNITS["res"], dtype))
+    res_groups, unit_res_group = grouped(res_groups, UNITS["res"], put(np.full(n, UNITS["res"]), dtype))
 
     # ---- mask, rigid groups, probes ----------------------------------------------------------
     if mask is None:
@@ -408,19 +409,19 @@ def _setup(model, target, resolution, cfg: RefineConfig, *, grid, restraints, mo
     moving = bool(set(params) & {"xyz", "rigid"}) and restraints is not None
     stale = restraints.nonbonded_buffer / 2 if moving else math.inf
     args = Args(
-        positions=jnp.asarray(pos0), atomic_numbers=z_arg, z=jnp.asarray(atoms.atomic_numbers), b_factors=jnp.asarray(b0),
-        occupancies=jnp.asarray(occ0), resolutions=None if res0 is None else jnp.asarray(res0),
-        groups=jnp.asarray(groups), centres=jnp.asarray(centres, dtype), radii=jnp.asarray(radii, dtype),
-        unit_xyz=unit_xyz, unit_b=unit_b, unit_occ=unit_occ, occ_groups=jnp.asarray(occ_groups),
-        unit_occ_group=unit_occ_group, res_groups=jnp.asarray(res_groups), unit_res_group=unit_res_group,
-        d_lo=None if d_lo is None else jnp.asarray(d_lo), d_hi=None if d_hi is None else jnp.asarray(d_hi),
-        b_lo=jnp.full((n,), cfg.b_bounds[0], dtype), b_hi=jnp.asarray(ceiling, dtype), b_max=jnp.asarray(cfg.b_bounds[1], dtype),
-        target=data, mask=jnp.asarray(mask), restraints=restraints, list_positions=jnp.asarray(pos0),
-        stale_shift=jnp.asarray(stale, dtype), weight=jnp.ones((), dtype), probes=probes, grid=grid, table=table_arg,
+        positions=put(pos0), atomic_numbers=z_arg, z=put(atoms.atomic_numbers), b_factors=put(b0),
+        occupancies=put(occ0), resolutions=None if res0 is None else put(res0),
+        groups=put(groups), centres=put(centres, dtype), radii=put(radii, dtype),
+        unit_xyz=unit_xyz, unit_b=unit_b, unit_occ=unit_occ, occ_groups=put(occ_groups),
+        unit_occ_group=unit_occ_group, res_groups=put(res_groups), unit_res_group=unit_res_group,
+        d_lo=None if d_lo is None else put(d_lo), d_hi=None if d_hi is None else put(d_hi),
+        b_lo=put(np.full(n, cfg.b_bounds[0]), dtype), b_hi=put(ceiling, dtype), b_max=put(cfg.b_bounds[1], dtype),
+        target=data, mask=put(mask), restraints=restraints, list_positions=put(pos0),
+        stale_shift=put(stale, dtype), weight=put(1.0, dtype), probes=probes, grid=grid, table=table_arg,
     )
     sizes = {"xyz": (n, 3), "rigid": (n_groups, 6), "occ": (int(unit_occ_group.shape[0]),),
              "res": (int(unit_res_group.shape[0]),), "b": (n,)}
-    u = {name: jnp.zeros(sizes[name], dtype) for name in params}
+    u = {name: put(np.zeros(sizes[name]), dtype) for name in params}
     problem = _Problem(atoms=atoms, labels=labels, model=model if isinstance(model, AtomicModel) else None,
                        grid=grid, restraints=restraints, args=args, u=u, start_positions=pos0.astype(np.float64),
                        resolution=float(resolution), refine_res=refine_res, b_margin=b_margin)
@@ -466,7 +467,7 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = T
             events.append(f"model map re-planned: {int(at_ceiling.sum())} atoms reached their B ceiling")
     if fold:
         # the parameters folded into the model: the run starts again at u = 0
-        new.update(positions=jnp.asarray(pos), b_factors=jnp.asarray(b), occupancies=jnp.asarray(occ))
+        new.update(positions=put(pos), b_factors=put(b), occupancies=put(occ))
         if res is not None:
             new["resolutions"] = jnp.asarray(res)
         if "b" in problem.u:
@@ -475,7 +476,7 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = T
                 b.astype(np.float64), np.asarray(problem.atoms.atomic_numbers), problem.resolution,
                 get_table(cfg.table), jnp.float32)
             new["unit_b"] = new["unit_b"] * problem.unit_scale.get("b", 1.0)
-        problem.u = {k: jnp.zeros_like(v) for k, v in problem.u.items()}
+        problem.u = {k: put(np.zeros(v.shape), v.dtype) for k, v in problem.u.items()}
     names = list(new)
     problem.args = eqx.tree_at(lambda a: [getattr(a, k) for k in names], args, [new[k] for k in names],
                                is_leaf=lambda x: x is None)
@@ -538,8 +539,8 @@ class _Reporter:
 def _append(problem: _Problem, state, cycle: int, first: bool):
     n = int(state.step)
     rows = np.arange(0 if first else 1, n + 1)
-    h = state.history
-    aux = {k: np.asarray(v) for k, v in h["aux"].items()}
+    h = jax.tree_util.tree_map(np.asarray, state.history)  # indexing device arrays compiles a gather
+    aux = h["aux"]
     for r in rows:
         problem.history.append({
             "step": problem.steps + int(r), "loss": float(h["value"][r]), "map_loss": float(aux["map_loss"][r]),
@@ -567,12 +568,13 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
 
     def start(st: Static, u, args, state=None):
         """Where a run starts: the state a stopped run left (`state`), else a fresh one at `u`."""
-        return state if state is not None else _init_state(_Objective(st), solver, u, args, per_run)
+        return state if state is not None else _init_state(_Objective(st), solver, u, args, per_run,
+                                                           objective_structure(args))
 
     def run(st: Static, state, args, budget: int):
         """One compiled run of one structure (the same compiled function for every call, from a
         fresh state or one that goes on)."""
-        return minimise(_Objective(st), solver, state, args, per_run, jnp.asarray(budget, jnp.int32), _needs_host,
+        return minimise(_Objective(st), solver, state, args, per_run, put(budget, np.int32), _needs_host,
                         None if reporter is None else _report, cfg.progress_every, monitor)
 
     def weigh(pr: _Problem, st: Static, cycle: int) -> None:
@@ -603,8 +605,9 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                 # B, occupancy or resolution alone: the restraints' gradient may vanish at the start
                 # (every B alike); balance the curvatures along a random ±0.1-unit direction instead
                 rng = np.random.default_rng(0)
-                v = {k: jnp.asarray(0.1 * rng.choice([-1.0, 1.0], x.shape), x.dtype) for k, x in pr.u.items()}
-                gm_v, gg_v = parts({k: pr.u[k] + v[k] for k in pr.u})
+                # on the host (eager jnp compiles per shape), in the parameters' dtype as before
+                v = {k: (0.1 * rng.choice([-1.0, 1.0], x.shape)).astype(x.dtype) for k, x in pr.u.items()}
+                gm_v, gg_v = parts({k: put(np.asarray(pr.u[k]) + v[k]) for k in pr.u})
                 flat = np.concatenate([np.ravel(np.asarray(v[k], np.float64)) for k in sorted(v)])
                 hm, hg = flat @ (gm_v - gm), flat @ (gg_v - gg)
                 w = hg / hm if hm > 0 and hg > 0 else 1.0
@@ -709,9 +712,9 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
 
 
 @eqx.filter_jit
-def _init_state(fn, solver: LBFGS, u, args, max_steps: int):
-    """A fresh solver state at `u` (compiled: no objective is evaluated)."""
-    return solver.init(fn, u, args, max_steps)
+def _init_state(fn, solver: LBFGS, u, args, max_steps: int, structure):
+    """A fresh solver state at `u` (compiled: no objective is evaluated, nor traced)."""
+    return solver.init(fn, u, args, max_steps, structure)
 
 
 @eqx.filter_jit

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from .._arrays import put
 from ._neighbours import NONBONDED_SIGMA, nonbonded_pairs
 
 __all__ = ["Restraints", "RestraintWeights"]
@@ -291,7 +292,7 @@ class Restraints(eqx.Module):
         dt = self.bond_ideal.dtype
         return eqx.tree_at(
             lambda r: (r.nonbonded_index, r.nonbonded_distance), self,
-            (jnp.asarray(index, jnp.int32), jnp.asarray(r0, dt)),
+            (put(index, np.int32), put(r0, dt)),
         )
 
 

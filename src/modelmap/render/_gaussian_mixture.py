@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._arrays import on_host
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume
 from ._base import (
@@ -91,10 +92,11 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
         if is_traced(volume):
             raise ValueError("with_plan needs a concrete volume: call it outside jit/grad/vmap, or use with_bounds")
         self.grid.check_fits_in_memory(itemsize=np.dtype(volume.positions.dtype).itemsize, device=device_of(volume))
+        volume = on_host(volume)
         grown = eqx.tree_at(lambda v: (v.b_factors, v.resolution), volume,
                             (volume.b_factors + b_margin, volume.resolution + d_margin))
         variances = np.asarray(grown.gaussian_variances(), np.float64)
-        if np.any(np.asarray(volume.gaussian_variances()) <= 0):
+        if np.any(volume.gaussian_variances() <= 0):
             raise ValueError(
                 "every Gaussian needs a positive variance (b_k + B + 4 D² > 0); the X-ray table "
                 "has a b = 0 term, so give the atoms B > 0 or a resolution D > 0"

@@ -37,6 +37,7 @@ import numpy as np
 import scipy.special
 from jaxtyping import Array, Float
 
+from .._arrays import on_host
 from .._grid import Grid
 from ..volumes import GaussianMixtureVolume, IndependentAtomVolume
 from ._base import AbstractRenderFn, RenderBounds, checked_call, split_margin
@@ -180,7 +181,7 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
         splat = GaussianMixtureRenderFn(
             rf.padded_grid(), sampling="point", n_sigma=self._window_sigma(), max_buckets=self.max_buckets,
             accumulate=self.accumulate,
-        ).with_plan(_gaussians(volume, extra), b_margin=above)
+        ).with_plan(_gaussians(on_host(volume), extra), b_margin=above)
         return dataclasses.replace(rf, splat=splat)
 
     def with_bounds(self, bounds: RenderBounds) -> "SplatFourierRenderFn":
@@ -206,8 +207,10 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
 
 
 def _gaussians(volume: IndependentAtomVolume, extra_b) -> GaussianMixtureVolume:
+    """The atoms' Gaussians widened by `extra_b` (a numpy volume gives numpy leaves: planning)."""
     dtype = volume.positions.dtype
-    variances = (volume.gaussian_widths() + jnp.asarray(extra_b, dtype)) / _EIGHT_PI2
+    xp = np if isinstance(volume.positions, np.ndarray) else jnp
+    variances = (volume.gaussian_widths() + xp.asarray(extra_b, dtype)) / _EIGHT_PI2
     return GaussianMixtureVolume.from_gaussians(volume.positions, volume.gaussian_amplitudes(), variances)
 
 

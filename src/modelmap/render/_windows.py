@@ -36,6 +36,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from .._arrays import put
 from .._grid import Grid
 
 __all__ = [
@@ -115,7 +116,7 @@ class WindowPlan(AbstractWindowPlan):
             mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
             for p in range(parts):
                 run = slice(p * q, (p + 1) * q)
-                out[p].append(WindowBucket(b.half_width, _put(idx[run]), _put(mask[run])))
+                out[p].append(WindowBucket(b.half_width, put(idx[run]), put(mask[run])))
         return tuple(WindowPlan(tuple(bs), self.max_variance, self.n_sigma, self.pad) for bs in out)
 
     def with_spare(self, half_width: tuple[int, int, int], n: int) -> "WindowPlan":
@@ -134,10 +135,10 @@ class WindowPlan(AbstractWindowPlan):
         idx, mask = np.zeros((nc, c), np.int32), np.zeros((nc, c), bool)
         if same:
             b = buckets[same[0]]
-            buckets[same[0]] = WindowBucket(half_width, _put(np.concatenate([np.asarray(b.indices), idx])),
-                                            _put(np.concatenate([np.asarray(b.mask), mask])))
+            buckets[same[0]] = WindowBucket(half_width, put(np.concatenate([np.asarray(b.indices), idx])),
+                                            put(np.concatenate([np.asarray(b.mask), mask])))
         else:
-            buckets.append(WindowBucket(half_width, _put(idx), _put(mask)))
+            buckets.append(WindowBucket(half_width, put(idx), put(mask)))
             buckets.sort(key=lambda b: b.half_width)
         pad = tuple(max(p, 2 * h) for p, h in zip(self.pad, half_width))
         return WindowPlan(tuple(buckets), self.max_variance, self.n_sigma, pad)
@@ -181,9 +182,9 @@ class WindowPlan(AbstractWindowPlan):
             idx, mask = np.zeros(nc * c, np.int32), np.zeros(nc * c, bool)
             idx[: len(m)], mask[: len(m)] = sorted(m, key=rank.__getitem__), True
             idx[len(m):] = idx[0] if m else 0
-            buckets.append(WindowBucket(b.half_width, _put(idx.reshape(nc, c)), _put(mask.reshape(nc, c))))
+            buckets.append(WindowBucket(b.half_width, put(idx.reshape(nc, c)), put(mask.reshape(nc, c))))
         fit = _covered_variance(np.stack(keys)[chosen], np.asarray(grid.voxel_size), self.n_sigma)
-        return WindowPlan(tuple(buckets), jnp.asarray(fit, self.max_variance.dtype), self.n_sigma, self.pad)
+        return WindowPlan(tuple(buckets), put(fit, self.max_variance.dtype), self.n_sigma, self.pad)
 
     @property
     def covered_radius(self) -> Float[Array, " n"]:
@@ -269,16 +270,10 @@ class WindowPlan(AbstractWindowPlan):
             mask = np.zeros(nc * c, bool)
             mask[: len(members)] = True
             buckets.append(
-                WindowBucket(key, _put(padded.reshape(nc, c).astype(np.int32)), _put(mask.reshape(nc, c)))
+                WindowBucket(key, put(padded.reshape(nc, c).astype(np.int32)), put(mask.reshape(nc, c)))
             )
         hmax = half.max(axis=0)
-        return cls(tuple(buckets), jnp.asarray(fit), float(n_sigma), tuple(int(2 * h) for h in hmax))
-
-
-def _put(x: np.ndarray) -> Array:
-    """A concrete plan array on the default device. `jax.device_put`, not `jnp.asarray`, which compiles
-    a small program for every new shape (~8 ms each: 26 of them when 7CEC's B windows were re-planned)."""
-    return jax.device_put(x)
+        return cls(tuple(buckets), put(fit), float(n_sigma), tuple(int(2 * h) for h in hmax))
 
 
 def locality_order(grid: Grid, positions) -> np.ndarray:

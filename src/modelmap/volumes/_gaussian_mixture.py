@@ -92,12 +92,15 @@ class GaussianMixtureVolume(AbstractVolume):
         cls, positions: Float[Array, "n 3"], amplitudes: Float[Array, "n K"], variances: Float[Array, "n K"]
     ) -> "GaussianMixtureVolume":
         """A free mixture: Gaussians of integrals `amplitudes` and per-axis variances `variances`
-        (Å²) at `positions` (B = 0, occupancy 1, D = 0, widths `8π² σ²`)."""
-        positions = jnp.asarray(positions)
+        (Å²) at `positions` (B = 0, occupancy 1, D = 0, widths `8π² σ²`). numpy inputs give numpy
+        leaves (a volume to plan windows for, on the host), others JAX arrays."""
+        numpy = all(isinstance(x, np.ndarray) for x in (positions, amplitudes, variances))
+        xp = np if numpy else jnp
+        positions = xp.asarray(positions)
         dtype = positions.dtype
         lead = positions.shape[:-1]
-        return cls(positions, jnp.zeros(lead, dtype), jnp.ones(lead, dtype), jnp.zeros(lead, dtype),
-                   jnp.asarray(amplitudes, dtype), _EIGHT_PI2 * jnp.asarray(variances, dtype))
+        return cls(positions, xp.zeros(lead, dtype), xp.ones(lead, dtype), xp.zeros(lead, dtype),
+                   xp.asarray(amplitudes, dtype), _EIGHT_PI2 * xp.asarray(variances, dtype))
 
     def gaussian_amplitudes(self) -> Float[Array, "n K"]:
         """`q_j a_jk`: the integral of every Gaussian."""
