@@ -321,6 +321,11 @@ def test_refine_occupancy():
 
 
 def test_refine_occupancy_per_residue():
+    """One shift per residue; and the run is the compiled loop of a per-atom refinement of the
+    same model (group parameters padded to one per atom), so the two compile once."""
+    from modelmap.refine._solver import minimise
+
+    minimise._cached.clear_cache()
     model = _helix()
     truth = model.atoms
     res = np.asarray(model.labels.residue_number)
@@ -346,6 +351,8 @@ def test_refine_occupancy_per_residue():
     truth_means = np.array([occ_true[res == k].mean() for k in np.unique(res)])
     assert np.all(np.abs(means - truth_means) <= 0.05)
     assert np.all((occ >= 0.0) & (occ <= 1.0))
+    refine(model, target, 3.0, grid=grid, parameters=("occ",), max_steps=30, progress=False)  # per atom
+    assert minimise._cached._cache_size() == 1
 
 
 def test_refine_occupancy_groups_check_their_inputs():
