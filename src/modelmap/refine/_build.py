@@ -246,7 +246,7 @@ def build_restraints(
     elements = [str(e).upper() for e in labels.element]
     radius = np.array([VDW_RADII.get(e, 0.0) if restrained[i] else 0.0 for i, e in enumerate(elements)])
 
-    f = lambda x: put(np.asarray(x, np.float64), dtype)  # noqa: E731
+    f = lambda x: put(x, dtype)  # noqa: E731
     r = Restraints(
         bond_index=put(bi, np.int32),
         bond_ideal=f([v[0] for v in bv]),

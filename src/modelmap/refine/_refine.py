@@ -353,13 +353,13 @@ def _setup(model, target, resolution, cfg: RefineConfig, *, grid, restraints, mo
         render_fn = _model_map_fn(plan, ceiling, cfg, grid) if "b" in params else plan(ceiling, False)
         k = _shell_terms(cfg)
         start = ShellDecompositionVolume.from_atoms(
-            Atoms(jnp.asarray(pos0), atoms.atomic_numbers, jnp.asarray(b0), jnp.asarray(occ0)), jnp.asarray(res_ref),
+            Atoms(put(pos0), atoms.atomic_numbers, put(b0), put(occ0)), put(res_ref),
             cfg.table, k)
         res0 = res_ref
         if scan:
             scan_groups = res_groups if res_groups is not None else (
                 parameter_groups(labels, n, "residue", "resolution_groups") if labels is not None else np.arange(n))
-            res0 = np.asarray(scan_start(render_fn, start, data, grid, jnp.asarray(d_lo), jnp.asarray(d_hi),
+            res0 = np.asarray(scan_start(render_fn, start, data, grid, put(d_lo), put(d_hi),
                                          scan_groups, resolution), np.float32)
         table_arg, z_arg = (start.table, k), start.element_index
     else:
@@ -453,7 +453,7 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = T
             restraints = problem.restraints.with_nonbonded(pos, headroom=1.5)
         problem.restraints = restraints
         new["restraints"] = restraints
-        new["list_positions"] = jnp.asarray(pos)
+        new["list_positions"] = put(pos)
         events.append(f"contacts rebuilt after a {shift:.2f} Å move")
     if "b" in problem.u:
         hi = np.asarray(args.b_hi)
@@ -470,13 +470,13 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = T
                                                problem.refine_res, res_ref, exact)
             static = dataclasses.replace(static, render_fn=_model_map_fn(plan, ceiling, cfg, problem.grid,
                                                                          static.render_fn, pos))
-            new["b_hi"] = jnp.asarray(ceiling, jnp.float32)
+            new["b_hi"] = put(ceiling, np.float32)
             events.append(f"model map re-planned: {int(at_ceiling.sum())} atoms reached their B ceiling")
     if fold:
         # the parameters folded into the model: the run starts again at u = 0
         new.update(positions=put(pos), b_factors=put(b), occupancies=put(occ))
         if res is not None:
-            new["resolutions"] = jnp.asarray(res)
+            new["resolutions"] = put(res)
         if "b" in problem.u:
             # B units follow B (the map's curvature in B falls as B grows)
             new["unit_xyz"], new["unit_b"], new["unit_occ"] = units(
@@ -493,6 +493,17 @@ def _rebase(problem: _Problem, static: Static, cfg: RefineConfig, fold: bool = T
 _build_jit = eqx.filter_jit(build)
 
 _UNIT_ARGS = {"b": "unit_b", "occ": "unit_occ_group", "res": "unit_res_group"}
+
+
+def _probe(rng: np.random.Generator, x) -> np.ndarray:
+    """A random direction of ±0.1 units for the parameters `x` (numpy, `x`'s dtype): where the
+    weight and the unit balance measure the objective's curvature."""
+    return (0.1 * rng.choice([-1.0, 1.0], x.shape)).astype(x.dtype)
+
+
+def _moved(x, v: np.ndarray):
+    """`x + v` on the host, then on the device (an eager jnp sum compiles once per shape)."""
+    return put(np.asarray(x) + v)
 
 
 def _balance_units(pr: _Problem, parts: Callable, gm: np.ndarray, gg: np.ndarray, w: float) -> None:
@@ -512,8 +523,8 @@ def _balance_units(pr: _Problem, parts: Callable, gm: np.ndarray, gg: np.ndarray
     rng = np.random.default_rng(1)
     curvature = {}
     for i, k in enumerate(keys):
-        v = jnp.asarray(0.1 * rng.choice([-1.0, 1.0], pr.u[k].shape), pr.u[k].dtype)
-        gm_v, gg_v = parts({**pr.u, k: pr.u[k] + v})
+        v = _probe(rng, pr.u[k])
+        gm_v, gg_v = parts({**pr.u, k: _moved(pr.u[k], v)})
         sl = slice(cuts[i], cuts[i + 1])
         flat = np.ravel(np.asarray(v, np.float64))
         curvature[k] = flat @ (w * (gm_v[sl] - gm[sl]) + (gg_v[sl] - gg[sl])) / (flat @ flat)
@@ -571,7 +582,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
     if reporter is not None:
         tag = next(_TAGS)
         _REPORTERS[tag] = reporter
-        monitor = _Monitor(jnp.asarray(tag, jnp.int32), callback is not None)
+        monitor = _Monitor(put(tag, np.int32), callback is not None)
 
     def start(st: Static, u, args, state=None):
         """Where a run starts: the state a stopped run left (`state`), else a fresh one at `u`."""
@@ -591,7 +602,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
         elif pr.restraints is None or not st.use_geometry:
             w = 1.0  # nothing to balance the map against
         else:
-            at = {x: eqx.tree_at(lambda a: a.weight, pr.args, jnp.asarray(x, jnp.float32)) for x in (0.0, 1.0)}
+            at = {x: eqx.tree_at(lambda a: a.weight, pr.args, put(x, np.float32)) for x in (0.0, 1.0)}
 
             def gradient(u, weight: float) -> np.ndarray:
                 """The objective's gradient at u and map weight `weight`, flat, in float64: from the
@@ -612,9 +623,8 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                 # B, occupancy or resolution alone: the restraints' gradient may vanish at the start
                 # (every B alike); balance the curvatures along a random ±0.1-unit direction instead
                 rng = np.random.default_rng(0)
-                # on the host (eager jnp compiles per shape), in the parameters' dtype as before
-                v = {k: (0.1 * rng.choice([-1.0, 1.0], x.shape)).astype(x.dtype) for k, x in pr.u.items()}
-                gm_v, gg_v = parts({k: put(np.asarray(pr.u[k]) + v[k]) for k in pr.u})
+                v = {k: _probe(rng, x) for k, x in pr.u.items()}
+                gm_v, gg_v = parts({k: _moved(pr.u[k], v[k]) for k in pr.u})
                 flat = np.concatenate([np.ravel(np.asarray(v[k], np.float64)) for k in sorted(v)])
                 hm, hg = flat @ (gm_v - gm), flat @ (gg_v - gg)
                 w = hg / hm if hm > 0 and hg > 0 else 1.0
@@ -624,7 +634,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
             elif len(pr.u) > 1:
                 _balance_units(pr, parts, gm, gg, w)
         pr.weight = w
-        pr.args = eqx.tree_at(lambda a: a.weight, pr.args, jnp.asarray(w, jnp.float32))
+        pr.args = eqx.tree_at(lambda a: a.weight, pr.args, put(w, np.float32))
         pr.state = None  # another objective: the L-BFGS memory starts again
 
     cycle = 0
@@ -649,7 +659,7 @@ def _run_all(problems: list[_Problem], statics: list[Static], cfg: RefineConfig,
                     starts = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[
                         start(statics[0], pr.u, pr.args, pr.state) for pr in problems])
                     states = _minimise_batch(_Objective(statics[0]), solver, starts, args, per_run,
-                                             jnp.asarray(budget, jnp.int32))
+                                             put(budget, np.int32))
                     states = [jax.tree_util.tree_map(lambda x, i=i: x[i], states) for i in range(len(problems))]
                 else:
                     if reporter is not None:
@@ -754,7 +764,7 @@ def _common_static(problems, statics, cfg):
                            pr.resolution, isinstance(statics[0].render_fn, ShellRenderFn), cfg, pr.refine_res,
                            res_ref)
     for p in problems:
-        p.args = eqx.tree_at(lambda a: a.b_hi, p.args, jnp.asarray(ceiling, jnp.float32))
+        p.args = eqx.tree_at(lambda a: a.b_hi, p.args, put(ceiling, np.float32))
     return [dataclasses.replace(s, render_fn=render_fn) for s in statics]
 
 

@@ -208,9 +208,7 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
 
 def _gaussians(volume: IndependentAtomVolume, extra_b) -> GaussianMixtureVolume:
     """The atoms' Gaussians widened by `extra_b` (a numpy volume gives numpy leaves: planning)."""
-    dtype = volume.positions.dtype
-    xp = np if isinstance(volume.positions, np.ndarray) else jnp
-    variances = (volume.gaussian_widths() + xp.asarray(extra_b, dtype)) / _EIGHT_PI2
+    variances = (volume.gaussian_widths() + extra_b) / _EIGHT_PI2
     return GaussianMixtureVolume.from_gaussians(volume.positions, volume.gaussian_amplitudes(), variances)
 
 
