@@ -226,3 +226,43 @@ def test_bounds_are_checked_and_cover_a_batch():
     assert bounds.elements == (6, 7, 8)
     with pytest.raises(mm.UnknownElementError):
         mm.RenderBounds((0.0, 10.0), 3.0, elements=[0]).form_factor_widths()
+
+
+@pytest.mark.parametrize("kind, accumulate", [("gaussian", "loop"), ("gaussian", "scatter"), ("shells", "loop")])
+def test_window_classes_give_the_one_window_map_and_gradients(kind, accumulate):
+    """`window_classes` (a window size chosen per chunk from the volume's values, `WindowClasses`)
+    renders what one window for all renders, to float32 rounding, for members of a vmapped batch
+    whose chunks need different sizes (each class loop runs for the batch's largest count), and
+    its gradients are the one-window gradients. (The splat route passes it to its splatting.)"""
+    atoms = _atoms("AAGAAAAG")
+    cold_first = eqx.tree_at(lambda a: a.b_factors, atoms, jnp.where(jnp.arange(atoms.b_factors.shape[0]) < 20,
+                                                                      10.0, 120.0))
+    grid = mm.Grid.around_positions(atoms.positions, 1.0, 8.0)
+    cls, fn = _pair(kind, grid)
+    fn = dataclasses.replace(fn, accumulate=accumulate, chunk_size=8)
+    bounds = mm.RenderBounds((10.0, 120.0), D[kind], elements=[6, 7, 8])
+    one = fn.with_bounds(bounds)
+    many = dataclasses.replace(fn, window_classes=4).with_bounds(bounds)
+    assert isinstance(many.plan, mm.WindowClasses) and len(many.plan.half_widths) > 1
+    splat = mm.SplatFourierRenderFn(grid, window_classes=4).with_bounds(mm.RenderBounds((10.0, 120.0), 3.5))
+    assert isinstance(splat.splat.plan, mm.WindowClasses)
+    # two members: cold atoms first, and all hot (every chunk at the widest size)
+    hot = eqx.tree_at(lambda a: a.b_factors, atoms, jnp.full_like(atoms.b_factors, 120.0))
+    volumes = [cls.from_atoms(a, D[kind]) for a in (cold_first, hot)]
+    if kind == "gaussian":  # the cold chunks do get narrower windows
+        v = volumes[0]
+        plan = many.plan.resolve(grid, v.positions.shape[0])
+        fitted = plan.fit_chunks(grid, plan.n_sigma * jnp.sqrt(jnp.max(v.gaussian_variances(), axis=-1)))
+        chosen = np.asarray(fitted.buckets[0].chunk_class)
+        assert chosen.min() < chosen.max() == len(many.plan.half_widths) - 1
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *volumes)
+    by_vmap = jax.vmap(many)(stacked)
+    for k, v in enumerate(volumes):
+        ref = one(v)
+        assert float(jnp.max(jnp.abs(by_vmap[k] - ref))) <= 1e-6 * float(jnp.max(jnp.abs(ref)))
+    target = one(cls.from_atoms(eqx.tree_at(lambda a: a.positions, cold_first, cold_first.positions + 0.3), D[kind]))
+    g_one = eqx.filter_grad(lambda v: -cc(one(v), target))(volumes[0])
+    g_vmap = jax.vmap(eqx.filter_grad(lambda v: -cc(many(v), target)))(stacked)
+    for leaf in ("positions", "b_factors", "occupancies"):
+        y = getattr(g_one, leaf)
+        assert float(jnp.max(jnp.abs(getattr(g_vmap, leaf)[0] - y))) <= 1e-5 * float(jnp.max(jnp.abs(y))), leaf

@@ -51,6 +51,7 @@ from .render import (
     SlabPlan as SlabPlan,
     SplatFourierRenderFn as SplatFourierRenderFn,
     UniformWindows as UniformWindows,
+    WindowClasses as WindowClasses,
     WindowPlan as WindowPlan,
     render_model as render_model,
     render_slabs as render_slabs,

@@ -15,6 +15,7 @@ from ._splat_fourier import SplatFourierRenderFn as SplatFourierRenderFn, aliasi
 from ._windows import (
     AbstractWindowPlan as AbstractWindowPlan,
     UniformWindows as UniformWindows,
+    WindowClasses as WindowClasses,
     WindowBucket as WindowBucket,
     WindowPlan as WindowPlan,
 )

@@ -123,6 +123,13 @@ class RenderBounds(eqx.Module):
         full = self.form_factor_widths()[1] + self.b_factor[1]
         return full if self.widest is None else min(self.widest, full)
 
+    def narrowest_gaussian(self) -> float:
+        """The smallest widest-term `max_k b_k + B` (Å²) within the bounds: the narrowest atom's
+        widest Gaussian (its element's, at the lowest B), before any resolution blur."""
+        tab = get_table(self.table)
+        z = np.flatnonzero(np.asarray(tab.defined)) if self.elements is None else np.asarray(self.elements)
+        return float(np.asarray(tab.b)[z].max(axis=1).min()) + self.b_factor[0]
+
     def form_factor_widths(self) -> tuple[float, float]:
         """`(smallest, largest)` Gaussian width b_k (Å²) of the table's factors for `elements`."""
         tab = get_table(self.table)

@@ -23,7 +23,15 @@ from ._base import (
     per_slot_max,
     split_margin,
 )
-from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_windows
+from ._windows import (
+    ACCUMULATE,
+    AbstractWindowPlan,
+    UniformWindows,
+    WindowClasses,
+    WindowPlan,
+    default_chunk_size,
+    splat_windows,
+)
 
 __all__ = ["GaussianMixtureRenderFn"]
 
@@ -61,6 +69,9 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
       slightly larger windows); `None`: every size exact.
     - `accumulate`: how windows are added: `"auto"` (a loop on the CPU, one scatter-add per chunk
       on a GPU), `"loop"` or `"scatter"` (to force either, e.g. to test the GPU path on the CPU).
+    - `window_classes`: window sizes a `with_bounds` plan may choose from, per chunk of sources
+      (`WindowClasses`: narrow windows for chunks of narrow atoms, each size compiled once); 1:
+      one window for every source (`UniformWindows`).
     """
 
     grid: Grid = eqx.field(static=True)
@@ -70,9 +81,12 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
     plan: AbstractWindowPlan | None = None
     max_buckets: int | None = eqx.field(static=True, default=None)
     accumulate: str = eqx.field(static=True, default="auto")
+    window_classes: int = eqx.field(static=True, default=1)
 
     def __check_init__(self):
         check_sampling(self.sampling)
+        if self.window_classes < 1:
+            raise ValueError(f"window_classes must be at least 1, got {self.window_classes}")
         if self.n_sigma <= 0:
             raise ValueError("n_sigma must be positive")
         if self.accumulate not in ACCUMULATE:
@@ -114,12 +128,21 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
 
     def with_bounds(self, bounds: RenderBounds) -> "GaussianMixtureRenderFn":
         """A copy with one window that holds the widest Gaussian within `bounds`: the largest
-        `b_k + B` (`RenderBounds.widest_gaussian`) plus `4 D²` of the coarsest D."""
+        `b_k + B` (`RenderBounds.widest_gaussian`) plus `4 D²` of the coarsest D; or, with
+        `window_classes > 1`, up to that many sizes down to the narrowest atom's (its element's
+        widest term at the lowest B, with `4 D²` of the finest D), one chosen per chunk."""
         var = (bounds.widest_gaussian() + 4.0 * bounds.resolution[1] ** 2) / _EIGHT_PI2
         if not var > 0:
             raise ValueError("the bounds allow no positive Gaussian variance")
-        windows = UniformWindows.from_radius(self.grid, self.n_sigma * math.sqrt(var), n_sigma=self.n_sigma,
-                                             chunk_size=self.chunk_size or default_chunk_size(256))
+        radius = self.n_sigma * math.sqrt(var)
+        chunk = self.chunk_size or default_chunk_size(256)
+        if self.window_classes > 1:
+            low = (bounds.narrowest_gaussian() + 4.0 * bounds.resolution[0] ** 2) / _EIGHT_PI2
+            smallest = self.n_sigma * math.sqrt(low) if low > 0 else radius
+            windows = WindowClasses.from_radii(self.grid, min(smallest, radius), radius, n_sigma=self.n_sigma,
+                                               chunk_size=chunk, max_classes=self.window_classes)
+        else:
+            windows = UniformWindows.from_radius(self.grid, radius, n_sigma=self.n_sigma, chunk_size=chunk)
         return eqx.tree_at(lambda r: r.plan, self, windows, is_leaf=lambda x: x is None)
 
     def __call__(self, volume: GaussianMixtureVolume) -> Float[Array, "nz ny nx"]:
@@ -132,6 +155,7 @@ class GaussianMixtureRenderFn(AbstractRenderFn[GaussianMixtureVolume]):
 def _render_planned(grid: Grid, sampling: str, accumulate: str, plan: WindowPlan, volume: GaussianMixtureVolume):
     # jitted as a whole, so that eager calls compile once per shape and reuse it
     variances = volume.gaussian_variances()
+    plan = plan.fit_chunks(grid, plan.n_sigma * jnp.sqrt(jnp.max(variances, axis=-1)))
     variances = eqx.error_if(
         variances,
         jnp.any(variances > plan.max_variance[:, None] * (1 + 1e-6)),

@@ -19,7 +19,16 @@ from ..shells import D_RANGE, get_shell_table
 from ..shells._omega import omega
 from ..volumes._shell_decomposition import ShellDecompositionVolume
 from ._base import AbstractRenderFn, RenderBounds, checked_call, device_of, is_traced, per_slot_max, split_margin
-from ._windows import ACCUMULATE, AbstractWindowPlan, UniformWindows, WindowPlan, default_chunk_size, splat_kernel
+from ._windows import (
+    ACCUMULATE,
+    AbstractSilentKernel,
+    AbstractWindowPlan,
+    UniformWindows,
+    WindowClasses,
+    WindowPlan,
+    default_chunk_size,
+    splat_kernel,
+)
 
 __all__ = ["ShellRenderFn", "shell_reach"]
 
@@ -33,13 +42,17 @@ def shell_reach(radii, widths, n_sigma: float):
     return jnp.max(radii + n_sigma * jnp.sqrt(widths / (2 * _FOUR_PI2)), axis=-1)
 
 
-class ShellKernel(eqx.Module):
+class ShellKernel(AbstractSilentKernel):
     """Window values of `Σ_m C_m Ω(|d|; R_m, B_m)`; sources `R`, `B`, `C`, each `(c, K)`; term 0 has
     R = 0 (the Gaussian core) and is evaluated as a Gaussian."""
 
     def __call__(self, dx, dy, dz, radii, widths, amps):
         r2 = dz[:, :, None, None] ** 2 + dy[:, None, :, None] ** 2 + dx[:, None, None, :] ** 2
         return _profile(None, radii, widths, amps, r2=r2)
+
+    def silent(self, radii, widths, amps):
+        """`(c,)` True for atoms whose every term is 0 (zero occupancy: a batch's padding atoms)."""
+        return jnp.all(amps == 0, axis=1)
 
 
 def _profile(r, radii, widths, amps, r2=None):
@@ -178,6 +191,8 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
       render in one computation.
     - `accumulate`: `"auto"` (a loop on the CPU, one scatter-add per chunk on a GPU), `"loop"` or
       `"scatter"` (to force either).
+    - `window_classes`: window sizes a `with_bounds` plan may choose from per chunk of atoms
+      (`WindowClasses`, down to the reach of the narrowest atom within the bounds); 1: one for all.
     """
 
     grid: Grid = eqx.field(static=True)
@@ -187,8 +202,11 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
     profile_nodes: int | None = eqx.field(static=True, default=None)
     threads: int | None = eqx.field(static=True, default=None)
     accumulate: str = eqx.field(static=True, default="auto")
+    window_classes: int = eqx.field(static=True, default=1)
 
     def __check_init__(self):
+        if self.window_classes < 1:
+            raise ValueError(f"window_classes must be at least 1, got {self.window_classes}")
         if self.n_sigma <= 0:
             raise ValueError("n_sigma must be positive")
         if self.threads is not None and self.threads < 1:
@@ -263,8 +281,14 @@ class ShellRenderFn(AbstractRenderFn[ShellDecompositionVolume]):
                                             jnp.asarray(e, jnp.int32), table, k)
 
         reach = 1.01 * float(np.max(np.asarray(_reach(probe(bounds.b_factor[1]), self.n_sigma))))
-        windows = UniformWindows.from_radius(self.grid, reach, n_sigma=self.n_sigma,
-                                             chunk_size=self.chunk_size or default_chunk_size(64, 1024))
+        if self.window_classes > 1:
+            smallest = float(np.min(np.asarray(_reach(probe(bounds.b_factor[0]), self.n_sigma))))
+            windows = WindowClasses.from_radii(self.grid, min(smallest, reach), reach, n_sigma=self.n_sigma,
+                                               chunk_size=self.chunk_size or default_chunk_size(64, 1024),
+                                               max_classes=self.window_classes)
+        else:
+            windows = UniformWindows.from_radius(self.grid, reach, n_sigma=self.n_sigma,
+                                                 chunk_size=self.chunk_size or default_chunk_size(64, 1024))
         narrowest = float(np.min(np.asarray(probe(bounds.b_factor[0]).shell_parameters()[1])))
         if not narrowest > 0:
             raise ValueError("B_m(D) + B must be > 0 for every kept term within the bounds (the lowest B is too low)")
@@ -355,6 +379,7 @@ def _render_planned(
     radii, widths, amps = volume.shell_parameters()
     widths = eqx.error_if(widths, jnp.any(widths <= 0), "B_m(D) + B must be > 0 for every kept term")
     reach = shell_reach(radii, widths, n_sigma)
+    plan = plan.fit_chunks(grid, reach)
     widths = eqx.error_if(
         widths,
         jnp.any(reach > plan.covered_radius * (1 + 1e-6)),

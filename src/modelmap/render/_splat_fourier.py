@@ -110,6 +110,8 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
       and a narrower window is cheaper (a 4σ cube is half a 5σ one).
     - `accumulate`: the splatting's accumulation (`"auto"`, `"loop"`, `"scatter"`; see
       `GaussianMixtureRenderFn`).
+    - `window_classes`: window sizes a `with_bounds` plan's splatting may choose from per chunk
+      of atoms (see `GaussianMixtureRenderFn`); 1: one for all.
     - `resolution_range`: `(finest, coarsest)` D in Å of the plan (static).
     - `extra_b`: the extra blur B_x in Å² (an array), set by planning.
     - `splat`: the `GaussianMixtureRenderFn` of the padded box, set by planning.
@@ -122,6 +124,7 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
     max_buckets: int | None = eqx.field(static=True, default=None)
     n_sigma: float | None = eqx.field(static=True, default=None)
     accumulate: str = eqx.field(static=True, default="auto")
+    window_classes: int = eqx.field(static=True, default=1)
     resolution_range: tuple[float, float] | None = eqx.field(static=True, default=None)
     extra_b: Float[Array, ""] | None = None
     splat: GaussianMixtureRenderFn | None = None
@@ -198,6 +201,7 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
                                bounds.table, widest=None if bounds.widest is None else bounds.widest + extra)
         splat = GaussianMixtureRenderFn(
             rf.padded_grid(), sampling="point", n_sigma=self._window_sigma(), accumulate=self.accumulate,
+            window_classes=self.window_classes,
         ).with_bounds(shifted)
         return dataclasses.replace(rf, splat=splat)
 

@@ -40,7 +40,8 @@ from .._arrays import put
 from .._grid import Grid
 
 __all__ = [
-    "AbstractWindowPlan", "WindowBucket", "WindowPlan", "UniformWindows", "GaussianKernel", "default_chunk_size",
+    "AbstractWindowPlan", "WindowBucket", "WindowClasses", "WindowPlan", "UniformWindows", "GaussianKernel",
+    "default_chunk_size",
     "splat_windows", "splat_kernel",
 ]
 
@@ -48,16 +49,32 @@ ACCUMULATE = ("auto", "loop", "scatter")
 
 
 class WindowBucket(eqx.Module):
-    """Sources that share one window size.
+    """Sources that share one window size, or one window size per chunk of them.
 
-    - `half_width`: `(hx, hy, hz)` in voxels (static).
+    - `half_width`: `(hx, hy, hz)` in voxels (static): the bucket's widest window.
     - `indices`: `(n_chunks, chunk)` source indices (padding slots repeat a real index).
     - `mask`: `(n_chunks, chunk)` False on padding slots.
+    - `classes`: optional, the half widths (static, narrowest first, the last `half_width`) that
+      each chunk chooses from (`WindowClasses`); `None`: every chunk has `half_width`.
+    - `chunk_class`: `(n_chunks,)` each chunk's index into `classes` (with `classes`).
     """
 
     half_width: tuple[int, int, int] = eqx.field(static=True)
     indices: Int[Array, "nc c"]
     mask: Bool[Array, "nc c"]
+    classes: tuple[tuple[int, int, int], ...] | None = eqx.field(static=True, default=None)
+    chunk_class: Int[Array, " nc"] | None = None
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int, int], ...]:
+        """The window sizes (half widths, x, y, z voxels) a chunk may have: `classes`, or the one."""
+        return (self.half_width,) if self.classes is None else self.classes
+
+    def size_of_chunks(self) -> Int[Array, " nc"]:
+        """`(nc,)` each chunk's index into `sizes` (0 for a bucket of one size)."""
+        if self.chunk_class is None:
+            return jnp.zeros(self.indices.shape[:1], jnp.int32)
+        return self.chunk_class
 
 
 class AbstractWindowPlan(eqx.Module):
@@ -109,14 +126,16 @@ class WindowPlan(AbstractWindowPlan):
             raise ValueError(f"parts must be at least 1, got {parts}")
         out: list[list[WindowBucket]] = [[] for _ in range(parts)]
         for b in self.buckets:
-            idx, mask = np.asarray(b.indices), np.asarray(b.mask)
+            idx, mask, cls = np.asarray(b.indices), np.asarray(b.mask), np.asarray(b.size_of_chunks())
             q = -(-idx.shape[0] // parts)
             pad = q * parts - idx.shape[0]
             idx = np.concatenate([idx, np.broadcast_to(idx[:1], (pad, idx.shape[1]))])
             mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+            cls = np.concatenate([cls, np.zeros(pad, cls.dtype)])
             for p in range(parts):
                 run = slice(p * q, (p + 1) * q)
-                out[p].append(WindowBucket(b.half_width, put(idx[run]), put(mask[run])))
+                chunk_class = None if b.classes is None else put(cls[run])
+                out[p].append(WindowBucket(b.half_width, put(idx[run]), put(mask[run]), b.classes, chunk_class))
         return tuple(WindowPlan(tuple(bs), self.max_variance, self.n_sigma, self.pad) for bs in out)
 
     def with_spare(self, half_width: tuple[int, int, int], n: int) -> "WindowPlan":
@@ -185,6 +204,35 @@ class WindowPlan(AbstractWindowPlan):
             buckets.append(WindowBucket(b.half_width, put(idx.reshape(nc, c)), put(mask.reshape(nc, c))))
         fit = _covered_variance(np.stack(keys)[chosen], np.asarray(grid.voxel_size), self.n_sigma)
         return WindowPlan(tuple(buckets), put(fit, self.max_variance.dtype), self.n_sigma, self.pad)
+
+    def fit_chunks(self, grid: Grid, radii: Float[Array, " n"]) -> "WindowPlan":
+        """This plan with each chunk of a bucket with `classes` given the smallest of them whose
+        window holds the `radii` (Å, `n_sigma` standard deviations of each source's widest
+        Gaussian, or its reach) of all the chunk's sources, and `max_variance` what that window
+        covers (works on traced radii: the choice is data, not shape). A source wider than the
+        widest class keeps it, and the render's check then fails. Plans without classes are
+        returned as they are."""
+        if all(b.classes is None for b in self.buckets):
+            return self
+        if len(self.buckets) != 1:
+            raise ValueError("a plan with window classes has one bucket")
+        (b,) = self.buckets
+        voxel = np.asarray(grid.voxel_size, np.float64)
+        var = _covered_variance(np.asarray(b.classes), voxel, self.n_sigma)  # (K,) ascending
+        r = lax.stop_gradient(radii)
+        covered = jnp.asarray(self.n_sigma * np.sqrt(var), r.dtype)
+        # the first class whose window holds the source (a masked slot needs none)
+        need = jnp.where(b.mask, jnp.searchsorted(covered, r[b.indices], side="left"), 0)
+        chunk_class = jnp.minimum(jnp.max(need, axis=1), len(b.classes) - 1).astype(jnp.int32)
+        fit = jnp.asarray(var, self.max_variance.dtype)[chunk_class]
+        # a source's own slot sets its variance (masked slots repeat a real index: they give 0); a
+        # source in no slot (another share of a `split` plan) keeps what it had
+        slots = jnp.where(b.mask, fit[:, None], 0).astype(self.max_variance.dtype)
+        fitted = jnp.zeros_like(self.max_variance).at[b.indices].max(slots)
+        present = jnp.zeros(self.max_variance.shape, bool).at[b.indices].max(b.mask)
+        max_variance = jnp.where(present, fitted, self.max_variance)
+        bucket = WindowBucket(b.half_width, b.indices, b.mask, b.classes, chunk_class)
+        return WindowPlan((bucket,), max_variance, self.n_sigma, self.pad)
 
     @property
     def covered_radius(self) -> Float[Array, " n"]:
@@ -336,6 +384,66 @@ class UniformWindows(AbstractWindowPlan):
         return WindowPlan((bucket,), jnp.full((n_sources,), var), self.n_sigma, tuple(2 * h for h in self.half_width))
 
 
+class WindowClasses(AbstractWindowPlan):
+    """A few window sizes declared for any volume; each chunk of `chunk_size` sources gets the
+    smallest that holds all of them, chosen from the volume's values when it is rendered
+    (`WindowPlan.fit_chunks`, under `jit` too), so no size depends on a concrete volume.
+
+    Atoms of one structure span B from 10 to 300 Å²; one window for the widest (`UniformWindows`)
+    makes every window as large as the widest atom's. With classes a chunk of narrow atoms gets a
+    narrow window; the saving is largest when the sources come sorted by width (as
+    `modelmap.batch.plan_batch` sorts them). Every size is compiled (one loop over its chunks each).
+
+    **Arguments:**
+
+    - `half_widths`: the window sizes, `(hx, hy, hz)` voxels each, narrowest first (static).
+    - `n_sigma`: the coverage in standard deviations (static).
+    - `chunk_size`: sources per scan step (static); a chunk's window is its widest source's.
+    """
+
+    half_widths: tuple[tuple[int, int, int], ...] = eqx.field(static=True)
+    n_sigma: float = eqx.field(static=True)
+    chunk_size: int = eqx.field(static=True, default=256)
+
+    def __check_init__(self):
+        if not self.half_widths:
+            raise ValueError("WindowClasses needs at least one window size")
+        if list(self.half_widths) != sorted(self.half_widths, key=lambda h: (np.prod(2 * np.asarray(h) + 1), h)):
+            raise ValueError(f"window sizes must be given narrowest first, got {self.half_widths}")
+
+    @classmethod
+    def from_radii(
+        cls, grid: Grid, smallest: float, largest: float, *, n_sigma: float = 1.0, chunk_size: int = 256,
+        max_classes: int = 6,
+    ) -> "WindowClasses":
+        """Classes for sources whose radii (Å) lie in `[smallest, largest]`: every window size
+        (whole voxels) between theirs, at most `max_classes` of them (the widest always kept, the
+        others spread evenly in between)."""
+        if not 0 < smallest <= largest:
+            raise ValueError(f"need 0 < smallest <= largest radius, got {smallest}, {largest}")
+        r = np.concatenate([np.linspace(smallest, largest, 512), [largest]])
+        half = np.maximum(_half_widths(r, grid.voxel_size), 1)
+        sizes = sorted({tuple(int(v) for v in h) for h in half}, key=lambda h: (np.prod(2 * np.asarray(h) + 1), h))
+        if len(sizes) > max_classes:
+            keep = np.unique(np.round(np.linspace(len(sizes) - 1, 0, max_classes)).astype(int))
+            sizes = [sizes[k] for k in sorted(keep)]
+        return cls(tuple(sizes), float(n_sigma), int(chunk_size))
+
+    def resolve(self, grid: Grid, n_sources: int) -> WindowPlan:
+        """The plan for `n_sources` sources, every chunk at the widest size until `fit_chunks`."""
+        c = min(self.chunk_size, max(8, 8 * math.ceil(n_sources / 8)))
+        nc = max(1, math.ceil(n_sources / c))
+        idx = np.minimum(np.arange(nc * c), max(n_sources - 1, 0))
+        mask = np.arange(nc * c) < n_sources
+        widest = self.half_widths[-1]
+        var = float(_covered_variance(widest, grid.voxel_size, self.n_sigma))
+        k = len(self.half_widths) - 1
+        bucket = WindowBucket(widest, jnp.asarray(idx.reshape(nc, c), jnp.int32), jnp.asarray(mask.reshape(nc, c)),
+                              self.half_widths, jnp.full((nc,), k, jnp.int32))
+        pad = tuple(2 * max(h[a] for h in self.half_widths) for a in range(3))
+        return WindowPlan((bucket,), jnp.full((n_sources,), var), self.n_sigma, pad)
+
+
 def _erf_diff(lo, hi):
     """erf(hi) - erf(lo) for lo <= hi, without cancellation in the tails.
 
@@ -368,7 +476,15 @@ def axis_factors(d, variances, voxel: float, sampling: str):
     return 0.5 / voxel * _erf_diff((d - 0.5 * voxel) * scale, (d + 0.5 * voxel) * scale)
 
 
-class AbstractPerSourceKernel(eqx.Module):
+class AbstractSilentKernel(eqx.Module):
+    """A window kernel that can tell which sources add exactly nothing (the CPU loop skips them)."""
+
+    @abc.abstractmethod
+    def silent(self, *S) -> Array:
+        """`(c,)` True for sources whose window is exactly 0."""
+
+
+class AbstractPerSourceKernel(AbstractSilentKernel):
     """A window kernel whose values the CPU loop can compute one source at a time, where it adds
     them: `factors` once per chunk, `window` per source, `silent` for sources that add nothing."""
 
@@ -379,10 +495,6 @@ class AbstractPerSourceKernel(eqx.Module):
     @abc.abstractmethod
     def window(self, *tables_i) -> Array:
         """One source's window `(wz, wy, wx)` from its rows of `factors`."""
-
-    @abc.abstractmethod
-    def silent(self, *S) -> Array:
-        """`(c,)` True for sources whose window is exactly 0."""
 
 
 class GaussianKernel(AbstractPerSourceKernel):
@@ -441,10 +553,24 @@ def _live_count_vmap(axis_size, in_batched, live):
     return jnp.asarray(live.shape[-1], jnp.int32), False
 
 
+@jax.custom_batching.custom_vmap
+def _unbatched_max(count):
+    """`count` (a scalar int): a loop's trip count. Under `vmap` the batch's largest, unbatched, so
+    that the loop runs as one loop for the whole batch (see `_live_count`)."""
+    return count
+
+
+@_unbatched_max.def_vmap
+def _unbatched_max_vmap(axis_size, in_batched, count):
+    if not in_batched[0]:
+        return _unbatched_max(count), False
+    return jnp.max(count), False
+
+
 @functools.lru_cache(maxsize=128)
 def _bucket_splatter(
     padded_shape: tuple[int, int, int],
-    half: tuple[int, int, int],
+    halves: tuple[tuple[int, int, int], ...],
     pad: tuple[int, int, int],
     origin: tuple[float, float, float],
     voxel: tuple[float, float, float],
@@ -452,11 +578,14 @@ def _bucket_splatter(
     forward_kernel: Callable | None = None,
     accumulate: str = "auto",
 ) -> Callable:
-    """A function `(map_padded, P, mask, *S) -> map_padded` with a hand-written VJP, for one bucket.
+    """A function `(map_padded, P, mask, chunk_class, *S) -> map_padded` with a hand-written VJP,
+    for one bucket.
 
-    `P`: `(nc, c, 3)` positions; `mask`: `(nc, c)` False on padding slots; `S`: the sources'
-    parameters, arrays `(nc, c, ...)`. `kernel(dx, dy, dz, *S_chunk)` gives a chunk's window values
-    `(c, wz, wy, wx)` from the offsets (Å) of the window's voxels from the sources, `dx` `(c, wx)` etc.
+    `P`: `(nc, c, 3)` positions; `mask`: `(nc, c)` False on padding slots; `chunk_class`: `(nc,)`
+    the index into `halves` (x, y, z half widths, voxels) of each chunk's window size (one size:
+    ignored); `S`: the sources' parameters, arrays `(nc, c, ...)`. `kernel(dx, dy, dz, *S_chunk)`
+    gives a chunk's window values `(c, wz, wy, wx)` from the offsets (Å) of the window's voxels from
+    the sources, `dx` `(c, wx)` etc.
     `kernel` must be hashable (an `eqx.Module` with static fields): it keys the compilation cache.
     `forward_kernel` (hashable), when given, computes the forward map's window values instead (e.g. a
     fast approximation of `kernel`): `forward_kernel.tables(*S_chunk)` gives per-source arrays
@@ -466,23 +595,12 @@ def _bucket_splatter(
     (table cotangents, (3,) offset gradient)`: the map's own (forward-kernel) values are then
     differentiated through their tables. Without it the VJP differentiates `kernel`.
     `accumulate`: `"loop"` (one source at a time), `"scatter"` (one scatter-add per chunk) or
-    `"auto"` (the loop on the CPU, the scatter elsewhere).
+    `"auto"` (the loop on the CPU, the scatter elsewhere). With several window sizes, the chunks of
+    each size run in a loop of their own: every size is compiled once.
     """
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
-    hx, hy, hz = half
-    widths = (2 * hx + 1, 2 * hy + 1, 2 * hz + 1)  # x, y, z
-    wz, wy, wx = widths[2], widths[1], widths[0]
-    limits = np.array([padded_shape[2], padded_shape[1], padded_shape[0]]) - np.array(widths)
     _, pny, pnx = padded_shape
-    # flat offsets of a window's voxels from its first voxel in the padded map, (wz*wy*wx,)
-    local = ((np.arange(wz)[:, None, None] * pny + np.arange(wy)[None, :, None]) * pnx
-             + np.arange(wx)[None, None, :]).reshape(-1).astype(np.int32)
-
-    def flat_indices(start):
-        """`(c, wz*wy*wx)` flat indices into the padded map of every voxel of each window."""
-        base = (start[:, 0] * pny + start[:, 1]) * pnx + start[:, 2]
-        return base[:, None] + jnp.asarray(local)[None, :]
 
     def by_platform(loop_fn, scatter_fn, *args):
         if accumulate == "loop":
@@ -491,110 +609,104 @@ def _bucket_splatter(
             return scatter_fn(*args)
         return lax.platform_dependent(*args, cpu=loop_fn, default=scatter_fn)
 
-    def window_geometry(P, mask):
-        """(starts (c, 3) z,y,x in the padded grid, offsets (Å) [(c, wx), (c, wy), (c, wz)], live (c,))."""
-        u = (P - jnp.asarray(origin, P.dtype)) / jnp.asarray(voxel, P.dtype)  # (c, 3) x,y,z
-        centre = jnp.round(lax.stop_gradient(u)).astype(jnp.int32)
-        start = centre - jnp.asarray(half, jnp.int32) + jnp.asarray(pad, jnp.int32)
-        inside = jnp.all((start >= 0) & (start <= jnp.asarray(limits, jnp.int32)), axis=1)
-        offsets = []
-        for ax in range(3):
-            offs = jnp.arange(widths[ax], dtype=P.dtype) - half[ax]
-            offsets.append((centre[:, ax : ax + 1].astype(P.dtype) + offs[None, :] - u[:, ax : ax + 1]) * voxel[ax])
-        start_zyx = jnp.stack([start[:, 2], start[:, 1], start[:, 0]], axis=1)
-        return start_zyx, offsets, inside & mask
+    def chunk_ops(half):
+        """(add a chunk's windows to the map, a chunk's cotangents from the cotangent map) for
+        windows of `half` voxels."""
+        hx, hy, hz = half
+        widths = (2 * hx + 1, 2 * hy + 1, 2 * hz + 1)  # x, y, z
+        wz, wy, wx = widths[2], widths[1], widths[0]
+        limits = np.array([padded_shape[2], padded_shape[1], padded_shape[0]]) - np.array(widths)
+        # flat offsets of a window's voxels from its first voxel in the padded map, (wz*wy*wx,)
+        local = ((np.arange(wz)[:, None, None] * pny + np.arange(wy)[None, :, None]) * pnx
+                 + np.arange(wx)[None, None, :]).reshape(-1).astype(np.int32)
 
-    def window_values(P, mask, *S):
-        """(starts (c, 3) z,y,x in the padded grid, values (c, wz, wy, wx))."""
-        start_zyx, offsets, live = window_geometry(P, mask)
-        vals = kernel(*offsets, *S)
-        return start_zyx, jnp.where(live[:, None, None, None], vals, 0)
+        def flat_indices(start):
+            """`(c, wz*wy*wx)` flat indices into the padded map of every voxel of each window."""
+            base = (start[:, 0] * pny + start[:, 1]) * pnx + start[:, 2]
+            return base[:, None] + jnp.asarray(local)[None, :]
 
-    def chunk_windows(P, mask, *S):
-        """(starts (c, 3), values (c, wz, wy, wx)) of a chunk, from the forward kernel if any."""
-        if forward_kernel is None:
-            return window_values(P, mask, *S)
-        start, offsets, live = window_geometry(P, mask)
-        vals = jax.vmap(forward_kernel.values)(*offsets, *forward_kernel.tables(*S))
-        return start, jnp.where(live[:, None, None, None], vals, 0)
+        def window_geometry(P, mask):
+            """(starts (c, 3) z,y,x in the padded grid, offsets (Å) [(c, wx), (c, wy), (c, wz)], live (c,))."""
+            u = (P - jnp.asarray(origin, P.dtype)) / jnp.asarray(voxel, P.dtype)  # (c, 3) x,y,z
+            centre = jnp.round(lax.stop_gradient(u)).astype(jnp.int32)
+            start = centre - jnp.asarray(half, jnp.int32) + jnp.asarray(pad, jnp.int32)
+            inside = jnp.all((start >= 0) & (start <= jnp.asarray(limits, jnp.int32)), axis=1)
+            offsets = []
+            for ax in range(3):
+                offs = jnp.arange(widths[ax], dtype=P.dtype) - half[ax]
+                offsets.append((centre[:, ax : ax + 1].astype(P.dtype) + offs[None, :] - u[:, ax : ax + 1]) * voxel[ax])
+            start_zyx = jnp.stack([start[:, 2], start[:, 1], start[:, 0]], axis=1)
+            return start_zyx, offsets, inside & mask
 
-    def add_chunk_scatter(m, P, mask, *S):
-        # every window of the chunk in one scatter-add (GPU): no sequential loop over sources
-        start, vals = chunk_windows(P, mask, *S)
-        flat = m.reshape(-1).at[flat_indices(start).reshape(-1)].add(vals.reshape(-1).astype(m.dtype))
-        return flat.reshape(m.shape)
+        def window_values(P, mask, *S):
+            """(starts (c, 3) z,y,x in the padded grid, values (c, wz, wy, wx))."""
+            start_zyx, offsets, live = window_geometry(P, mask)
+            vals = kernel(*offsets, *S)
+            return start_zyx, jnp.where(live[:, None, None, None], vals, 0)
 
-    def add_chunk_loop(m, P, mask, *S):
-        # one window at a time (CPU): XLA's CPU backend runs these in-place updates fastest
-        n_loop = P.shape[0]
+        def chunk_windows(P, mask, *S):
+            """(starts (c, 3), values (c, wz, wy, wx)) of a chunk, from the forward kernel if any."""
+            if forward_kernel is None:
+                return window_values(P, mask, *S)
+            start, offsets, live = window_geometry(P, mask)
+            vals = jax.vmap(forward_kernel.values)(*offsets, *forward_kernel.tables(*S))
+            return start, jnp.where(live[:, None, None, None], vals, 0)
 
-        def source(j):
-            return j
+        def add_chunk_scatter(m, P, mask, *S):
+            # every window of the chunk in one scatter-add (GPU): no sequential loop over sources
+            start, vals = chunk_windows(P, mask, *S)
+            flat = m.reshape(-1).at[flat_indices(start).reshape(-1)].add(vals.reshape(-1).astype(m.dtype))
+            return flat.reshape(m.shape)
 
-        if forward_kernel is None and isinstance(kernel, AbstractPerSourceKernel):
+        def add_chunk_loop(m, P, mask, *S):
+            # one window at a time (CPU): XLA's CPU backend runs these in-place updates fastest
+            if forward_kernel is None and not isinstance(kernel, AbstractPerSourceKernel):
+                start, vals = window_values(P, mask, *S)
+                return lax.fori_loop(0, P.shape[0], lambda j, m_: add_window(m_, start[j], vals[j]), m)
             # each window computed where it is added (see `GaussianKernel.factors`), and only the
             # sources that add anything: live ones, in their order, first; padding slots and silent
             # sources (zero amplitudes: a batch's padding atoms) are skipped, as they add exact 0
             start, offsets, live = window_geometry(P, mask)
-            tables = kernel.factors(*offsets, *S)
-            live = live & ~kernel.silent(*S)
+            if isinstance(kernel, AbstractSilentKernel):
+                live = live & ~kernel.silent(*S)
             order = jnp.argsort(~live, stable=True)
-            n_loop = _live_count(live)
+            if forward_kernel is None:
+                make_tables = functools.partial(kernel.factors, *offsets, *S)
 
-            def source(j):
-                return order[j]
+                def window(i, *rows):
+                    return kernel.window(*rows)
+            else:
+                make_tables = functools.partial(forward_kernel.tables, *S)
 
-            def values(i):
-                return jnp.where(live[i], kernel.window(*(t[i] for t in tables)), 0)
-        elif forward_kernel is None:
-            start, vals = window_values(P, mask, *S)
+                def window(i, *rows):
+                    return forward_kernel.values(*(o[i] for o in offsets), *rows)
+            # a chunk that adds nothing (free slots, padding atoms) computes no tables; a cond on
+            # the map itself would copy it at every chunk
+            tables = lax.cond(jnp.any(live), make_tables, lambda: jax.tree_util.tree_map(
+                lambda t: jnp.zeros(t.shape, t.dtype), jax.eval_shape(make_tables)))
 
-            def values(i):
-                return vals[i]
-        else:
-            # per-source tables for the chunk, then each window evaluated where it is added
-            start, offsets, live = window_geometry(P, mask)
-            tables = forward_kernel.tables(*S)
+            def body(j, m_):
+                i = order[j]
+                # dead slots are visited only under vmap (`_live_count`), and add 0
+                v = window(i, *(t[i] for t in tables))
+                return add_window(m_, start[i], jnp.where(live[i], v, 0))
 
-            def values(i):
-                dx, dy, dz = (o[i] for o in offsets)
-                v = forward_kernel.values(dx, dy, dz, *(t[i] for t in tables))
-                return jnp.where(live[i], v, 0)
+            return lax.fori_loop(0, _live_count(live), body, m)
 
-        def body(j, m):
-            i = source(j)
-            s = (start[i, 0], start[i, 1], start[i, 2])
-            cur = lax.dynamic_slice(m, s, (wz, wy, wx))
-            return lax.dynamic_update_slice(m, cur + values(i).astype(m.dtype), s)
+        def add_window(m, start, values):
+            s = (start[0], start[1], start[2])
+            return lax.dynamic_update_slice(m, lax.dynamic_slice(m, s, (wz, wy, wx)) + values.astype(m.dtype), s)
 
-        return lax.fori_loop(0, n_loop, body, m)
+        def add(m, P, mask, *S):
+            return by_platform(add_chunk_loop, add_chunk_scatter, m, P, mask, *S)
 
-    def add_chunk(m, args):
-        # a chunk of free slots only (the spare room of `WindowPlan.with_spare`/`refit`) is skipped
-        return lax.cond(jnp.any(args[1]), lambda m_: by_platform(add_chunk_loop, add_chunk_scatter, m_, *args),
-                        lambda m_: m_, m), None
-
-    @jax.custom_vjp
-    def splat(m, P, mask, *S):
-        m, _ = lax.scan(add_chunk, m, (P, mask, *S))
-        return m
-
-    def splat_fwd(m, P, mask, *S):
-        return splat(m, P, mask, *S), (P, mask, S)
-
-    def splat_bwd(res, g):
-        P, mask, S = res
-
-        def gather(start):
-            return jax.vmap(lambda st: lax.dynamic_slice(g, (st[0], st[1], st[2]), (wz, wy, wx)))(start)
-
-        def chunk_grad(_, args):
-            p, mk, *s = args
+        def chunk_grad(g, p, mk, *s):
             (start, _), pull = jax.vjp(lambda p_, *s_: window_values(p_, mk, *s_), p, *s)
             zero_start = np.zeros(start.shape, jax.dtypes.float0)
-            return None, pull((zero_start, gather(start).astype(p.dtype)))
+            gw = jax.vmap(lambda st: lax.dynamic_slice(g, (st[0], st[1], st[2]), (wz, wy, wx)))(start)
+            return pull((zero_start, gw.astype(p.dtype)))
 
-        def table_cotangents_loop(p, start, offsets, live, tables):
+        def table_cotangents_loop(g, p, start, offsets, live, tables):
             # one source at a time, as the CPU forward adds them: a vmap over the chunk would turn the
             # window slices and table look-ups into batched gathers, several times slower on the CPU
             def body(i, acc):
@@ -607,35 +719,78 @@ def _bucket_splatter(
             init = (tuple(jnp.zeros_like(t) for t in tables), jnp.zeros(p.shape, p.dtype))
             return lax.fori_loop(0, p.shape[0], body, init)
 
-        def table_cotangents_vmap(p, start, offsets, live, tables):
+        def table_cotangents_vmap(g, p, start, offsets, live, tables):
             # every source of the chunk at once (GPU)
             gw = g.reshape(-1)[flat_indices(start)].reshape(-1, wz, wy, wx).astype(p.dtype)
             gw = jnp.where(live[:, None, None, None], gw, 0)
             return jax.vmap(forward_kernel.cotangents)(*offsets, *tables, gw)
 
-        def chunk_grad_tables(_, args):
+        def chunk_grad_tables(g, p, mk, *s):
             # the VJP of the forward kernel's own (table) values: the cotangent windows are reduced
             # to per-source table cotangents and position gradients, then pulled back through
             # `tables`, so no per-voxel work is differentiated
-            p, mk, *s = args
             start, offsets, live = window_geometry(p, mk)
             tables, pull = jax.vjp(forward_kernel.tables, *s)
             ct_tables, g_offsets = by_platform(
-                table_cotangents_loop, table_cotangents_vmap, p, start, offsets, live, tables
+                table_cotangents_loop, table_cotangents_vmap, g, p, start, offsets, live, tables
             )
             # offsets are (voxel − position): d offset / d position = −1 along each axis
-            return None, (-g_offsets, *pull(ct_tables))
+            return (-g_offsets, *pull(ct_tables))
 
-        chunk_grad_live = chunk_grad_tables if forward_kernel is not None else chunk_grad
+        return add, (chunk_grad_tables if forward_kernel is not None else chunk_grad)
 
-        def chunk_grad_or_skip(_, args):
-            # zeros for a chunk of free slots, as the forward skips it
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, (args[0], *args[2:]))
-            return None, lax.cond(jnp.any(args[1]), lambda: chunk_grad_live(None, args)[1], lambda: zeros)
+    ops = [chunk_ops(h) for h in halves]
 
-        _, grads = lax.scan(chunk_grad_or_skip, None, (P, mask, *S))
+    def class_loops(carry, chunk_class, step):
+        """`carry` through `step(k, i, valid, carry)` for every chunk `i`, in one loop per window
+        size `k` over the chunks of that size (a `lax.switch` per chunk would copy the map at
+        every chunk). Under `vmap` each loop runs for the batch's largest count, a member's
+        surplus trips marked invalid (they add nothing), so the carry is never selected whole."""
+        nc = chunk_class.shape[0]
+        order = jnp.argsort(chunk_class, stable=True)
+        for k in range(len(ops)):
+            start = jnp.sum(chunk_class < k, dtype=jnp.int32)
+            count = jnp.sum(chunk_class == k, dtype=jnp.int32)
+
+            def body(j, c, k=k, start=start, count=count):
+                return step(k, order[jnp.minimum(start + j, nc - 1)], j < count, c)
+
+            carry = lax.fori_loop(0, _unbatched_max(count), body, carry)
+        return carry
+
+    def chunk_grad_or_skip(k, g, p, mk, *s):
+        # zeros for a chunk of free slots, as the forward adds nothing for it (a chunk of silent
+        # sources is not skipped: the map's gradient with respect to their amplitudes is not 0)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, (p, *s))
+        return lax.cond(jnp.any(mk), lambda: ops[k][1](g, p, mk, *s), lambda: zeros)
+
+    @jax.custom_vjp
+    def splat(m, P, mask, chunk_class, *S):
+        if len(ops) == 1:
+            return lax.scan(lambda m_, a: (ops[0][0](m_, a[0], a[1], *a[2:]), None), m, (P, mask, *S))[0]
+
+        def step(k, i, valid, m_):
+            return ops[k][0](m_, P[i], mask[i] & valid, *(s[i] for s in S))
+
+        return class_loops(m, chunk_class, step)
+
+    def splat_fwd(m, P, mask, chunk_class, *S):
+        return splat(m, P, mask, chunk_class, *S), (P, mask, chunk_class, S)
+
+    def splat_bwd(res, g):
+        P, mask, chunk_class, S = res
+        if len(ops) == 1:
+            grads = lax.scan(lambda _, a: (None, chunk_grad_or_skip(0, g, *a)), None, (P, mask, *S))[1]
+        else:
+            def step(k, i, valid, acc):
+                cts = chunk_grad_or_skip(k, g, P[i], mask[i] & valid, *(s[i] for s in S))
+                # a surplus trip (vmap) writes its chunk's zeros over a chunk of another size: keep it
+                return tuple(a.at[i].set(jnp.where(valid, ct, a[i])) for a, ct in zip(acc, cts))
+
+            grads = class_loops(jax.tree_util.tree_map(jnp.zeros_like, (P, *S)), chunk_class, step)
         g_mask = np.zeros(mask.shape, jax.dtypes.float0)
-        return (g, grads[0], g_mask, *grads[1:])
+        g_class = np.zeros(chunk_class.shape, jax.dtypes.float0)
+        return (g, grads[0], g_mask, g_class, *grads[1:])
 
     splat.defvjp(splat_fwd, splat_bwd)
     return splat
@@ -673,11 +828,10 @@ def splat_kernel(
     m = jnp.zeros(padded_shape, dtype)
     for bucket in plan.buckets:
         splat = _bucket_splatter(
-            padded_shape, bucket.half_width, plan.pad, grid.origin, grid.voxel_size, kernel, forward_kernel,
-            accumulate,
+            padded_shape, bucket.sizes, plan.pad, grid.origin, grid.voxel_size, kernel, forward_kernel, accumulate,
         )
         idx = bucket.indices
-        m = splat(m, positions[idx], bucket.mask, *(s[idx] for s in sources))
+        m = splat(m, positions[idx], bucket.mask, bucket.size_of_chunks(), *(s[idx] for s in sources))
     return m[pz : pz + nz, py : py + ny, px : px + nx]
 
 
