@@ -12,7 +12,7 @@ B = 1, 8, 64, 256 structures (`--quick`: 1, 8), in one run:
   of sum(maps²) with respect to the stacked volumes (the batch API's own example). Compilation
   (`compile_s`) is timed apart from the median of `--repeats` runs.
 - "alone": the same structures one at a time with the single-structure API (own volume, own planned
-  render function, same box), warm, for 3 structures spread over the size range (`--quick`: 2);
+  render function, same box; the splat-Fourier map at the batch's eps, 1e-5), warm, for 3 structures spread over the size range (`--quick`: 2);
   a line a + b·atoms through their times predicts each batch's one-at-a-time time, so
   `ratio_to_alone` = batched time per structure / predicted one-at-a-time time per structure.
   Target: <= 1.2.
@@ -96,7 +96,7 @@ def mm_arrays(atoms):
 
 
 def mm_assemble(indices, parts, n):
-    """(n, ...) the maps of the structures: the sum of their parts' maps."""
+    """(n, ...) the maps of the structures, in input order, from the groups' maps."""
     from modelmap.batch import assemble
 
     return assemble(indices, parts, n)
@@ -122,7 +122,7 @@ def mm_alone(method, atoms, resolution, box, voxel, origin):
         fn = mm.GaussianMixtureRenderFn(grid, sampling="average")
     elif method == "fourier":
         volume = mm.IndependentAtomVolume.from_atoms(atoms, resolution)
-        fn = mm.render.SplatFourierRenderFn(grid)
+        fn = mm.render.SplatFourierRenderFn(grid, eps=1e-5)  # the batch's (and render_model's) accuracy
     else:
         volume = mm.ShellDecompositionVolume.from_atoms(atoms, resolution, n_terms=6)
         fn = mm.ShellRenderFn(grid)
@@ -208,7 +208,7 @@ def run_modelmap(args, structures, n_atoms, report):
             indices = tuple(np.asarray(g[2]) for g in groups)
 
             def forward(f, v):
-                # the structures' maps: each the sum of its parts' maps
+                # the structures' maps, in input order
                 parts = [mm_render_stacked(fi, vi, args.batch_size) for fi, vi in zip(f, v)]
                 return mm_assemble(indices, parts, n)
 

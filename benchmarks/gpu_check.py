@@ -190,7 +190,7 @@ def mm_batch_render(structures, resolution, method, box, voxel, batch_size):
 
 
 def mm_batch_plan(structures, resolution, method, box, voxel):
-    """[(render_fn, stacked volumes, the structure of each part)] of `plan_batch`'s groups."""
+    """[(render_fn, stacked volumes, the structure of each member)] of `plan_batch`'s groups."""
     groups = plan_batch(structures, resolution, method=method, box=box, voxel_size=voxel)
     return [(g.render_fn, g.volumes, np.asarray(g.indices)) for g in groups]
 
@@ -200,8 +200,7 @@ def mm_render_stacked(render_fn, volumes, batch_size):
 
 
 def mm_assemble(indices, parts, n):
-    """(n, ...) the structures' maps: the sum of their parts' maps (a structure's atoms are split
-    into parts by B class)."""
+    """(n, ...) the structures' maps, in input order, from the groups' maps."""
     from modelmap.batch import assemble
 
     return assemble(indices, parts, n)

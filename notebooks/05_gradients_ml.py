@@ -56,12 +56,12 @@ for i in range(4):  # four copies in different orientations, with different B
 # %%
 D = 3.0
 groups = mm.batch.plan_batch(structures, D, method="gaussian", box=32, voxel_size=1.0, b_margin=20.0)
-print(len(groups), "group(s) (atoms are split by B class):",
+print(len(groups), "group(s), one per bucket size:",
       [(g.indices, g.volumes.positions.shape) for g in groups])
 
 
 def batch_maps(volumes):
-    """(4, 32, 32, 32): every group rendered, parts summed back into their structures' maps."""
+    """(4, 32, 32, 32): every group rendered, the maps put back in the structures' order."""
     rendered = [mm.batch.render_stacked(g.render_fn, v) for g, v in zip(groups, volumes)]
     return mm.batch.assemble(groups, rendered, len(structures))
 

@@ -44,7 +44,9 @@ def test_batched_maps_equal_one_at_a_time_maps(method, d):
         np.testing.assert_allclose(groups[0].origins[0], out.origins[k])
         alone = render_stacked(groups[0].render_fn, groups[0].volumes)[0]
         peak = float(jnp.max(jnp.abs(alone)))
-        assert float(jnp.max(jnp.abs(out.maps[k] - alone))) <= 1e-6 * peak
+        # (the Fourier route's anti-aliasing blur comes from each batch's own lowest B: two batches
+        # give the map to its accuracy, eps 1e-5, not to rounding)
+        assert float(jnp.max(jnp.abs(out.maps[k] - alone))) <= (2e-5 if method == "fourier" else 1e-6) * peak
         # and the renderer's own map of the structure on that grid (planned for it alone): equal to
         # the bounds' wider windows (Gaussian, shells: 1e-6 / 3e-6 of the peak) or to the NUFFT map
         # (the batch's Fourier map is the pure-JAX splat route, eps 1e-5)
@@ -58,7 +60,8 @@ def test_batched_maps_equal_one_at_a_time_maps(method, d):
 def test_padding_atoms_contribute_exactly_zero():
     s = _structures()[0]
     groups = plan_batch([s], 1.5, box=40, voxel_size=1.5)  # padded to 256
-    padded = pad_atoms(s, 512)
+    order = groups[0].atom_index[0][groups[0].atom_index[0] >= 0]  # the batch's atom order (by width)
+    padded = pad_atoms(jax.tree.map(lambda x: x[order], s), 512)
     vol = mm.GaussianMixtureVolume.from_atoms(
         eqx.tree_at(lambda a: a.positions, padded, padded.positions - jnp.asarray(groups[0].origins[0], jnp.float32)), 1.5)
     a = groups[0].render_fn(jax.tree.map(lambda x: x[0], groups[0].volumes))
@@ -154,40 +157,39 @@ def test_bad_batches_are_clear_errors():
         render_batch(s, 2.0)
 
 
-def test_a_structure_of_mixed_b_is_rendered_in_parts_that_sum_to_its_map():
-    a = _peptide("A" * 12, b=20.0)
-    mixed = eqx.tree_at(lambda x: x.b_factors, a, a.b_factors.at[30:].set(160.0))  # 30 cold, 30 hot atoms
-    groups = plan_batch([mixed], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
-    assert len(groups) == 2 and [g.indices for g in groups] == [(0,), (0,)]
-    parts = [set(int(i) for i in g.atom_index[0] if i >= 0) for g in groups]
-    assert parts[0] | parts[1] == set(range(60)) and not parts[0] & parts[1]
-    assert groups[0].render_fn.plan.half_width < groups[1].render_fn.plan.half_width
+def test_a_structure_of_mixed_b_is_sorted_so_its_cold_chunks_get_narrow_windows():
+    a = _peptide("A" * 24, b=160.0)
+    mixed = eqx.tree_at(lambda x: x.b_factors, a, a.b_factors.at[::2].set(20.0))  # 60 cold, 60 hot, interleaved
+    (group,) = plan_batch([mixed], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
+    order = group.atom_index[0]
+    assert sorted(order[order >= 0].tolist()) == list(range(120))
+    np.testing.assert_array_equal(np.asarray(mixed.b_factors)[order[:60]], 20.0)  # the cold atoms first
+    # each chunk gets the window of its widest atom: in chunks of 32, the first, cold, a narrower one
+    fn, v = group.render_fn, jax.tree.map(lambda x: x[0], group.volumes)
+    plan = dataclasses.replace(fn.plan, chunk_size=32).resolve(fn.grid, v.positions.shape[0])
+    chosen = np.asarray(plan.fit_chunks(fn.grid, plan.n_sigma * jnp.sqrt(v.gaussian_variances().max(-1)))
+                        .buckets[0].chunk_class)
+    assert chosen[0] < chosen[1]
     out = render_batch([mixed], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
     ref = mm.render_model(mixed, out.grid(0), 2.0)
     assert float(jnp.max(jnp.abs(out.maps[0] - ref))) <= 2e-6 * float(jnp.max(ref))
-    # gradients through the parts map back to the structure's atoms by atom_index
+    # gradients with respect to the sorted slots map back to the structure's atoms by atom_index
     target = mm.render_model(eqx.tree_at(lambda x: x.positions, mixed, mixed.positions + 0.2), out.grid(0), 2.0)
-
-    def loss(vols):
-        maps = mm.batch.assemble(groups, [render_stacked(g.render_fn, v) for g, v in zip(groups, vols)], 1)
-        return -cc(maps[0], target)
-
-    grads = eqx.filter_grad(loss)([g.volumes for g in groups])
-    g_pos = np.zeros((60, 3))
-    for g, gv in zip(groups, grads):
-        live = g.atom_index[0] >= 0
-        g_pos[g.atom_index[0][live]] += np.asarray(gv.positions[0])[live]
-    fn = mm.GaussianMixtureRenderFn(out.grid(0)).with_plan(mm.GaussianMixtureVolume.from_atoms(mixed, 2.0))
-    ref_g = eqx.filter_grad(lambda v: -cc(fn(v), target))(mm.GaussianMixtureVolume.from_atoms(mixed, 2.0))
+    grads = eqx.filter_grad(lambda vols: -cc(render_stacked(fn, vols)[0], target))(group.volumes)
+    live = order >= 0
+    g_pos = np.zeros((120, 3))
+    g_pos[order[live]] = np.asarray(grads.positions[0])[live]
+    fn_ref = mm.GaussianMixtureRenderFn(out.grid(0)).with_plan(mm.GaussianMixtureVolume.from_atoms(mixed, 2.0))
+    ref_g = eqx.filter_grad(lambda v: -cc(fn_ref(v), target))(mm.GaussianMixtureVolume.from_atoms(mixed, 2.0))
     np.testing.assert_allclose(g_pos, np.asarray(ref_g.positions), atol=2e-3 * float(np.abs(ref_g.positions).max()))
 
 
-def test_structures_are_grouped_by_size_and_b_class():
+def test_structures_are_grouped_by_size_alone():
     cold, hot = _peptide("AAGAA", b=20.0), _peptide("AAGAA", (2.0, 0, 0), b=140.0)
-    groups = plan_batch([cold, hot, cold], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
-    assert [g.indices for g in groups] == [(0, 2), (1,)]
-    windows = [g.render_fn.plan.half_width for g in groups]
-    assert windows[0] < windows[1]  # the cold group's windows are not sized for the hot structure
+    groups = plan_batch([cold, hot, cold, _peptide("A" * 20)], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
+    # one render function for the batch; a cold structure's windows come from its own atoms
+    assert [g.indices for g in groups] == [(0, 1, 2), (3,)]
+    assert groups[0].render_fn is groups[1].render_fn
     out = render_batch([cold, hot, cold], 2.0, box=40, voxel_size=1.5, bucket_minimum=BUCKET)
     for k, s in enumerate([cold, hot, cold]):
         ref = mm.render_model(s, out.grid(k), 2.0)

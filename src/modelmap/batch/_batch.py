@@ -2,14 +2,14 @@
 
 A batch of structures of different sizes is padded to a few bucket sizes with zero-occupancy atoms
 (whose images are exactly 0), stacked on a leading axis, and rendered by one compiled function per
-group under `lax.map(..., batch_size=...)`, which bounds the memory held at once. The window a
-render function needs grows with each atom's widest Gaussian (`b_k + B`), so each structure's atoms
-are split by classes of it (`b_step`) into parts, and parts are grouped by bucket size and class (one window sized for a whole batch's
-widest atom costs 1.6× per map on 7CEC regions); a structure's map is the sum of its parts' maps
-(`assemble`: maps are linear in the atoms). Each group's render function is planned from its
-bounds (`with_bounds`), so it depends on no value of any structure: another batch whose parts fall
-in the same buckets and B classes reuses the compiled functions. Everything is differentiable
-through the whole batch.
+bucket under `lax.map(..., batch_size=...)`, which bounds the memory held at once. One render
+function, planned from the whole batch's bounds (`with_bounds`), serves every bucket: it depends on
+no value of any structure, so another batch within the same bounds reuses the compiled functions.
+The window an atom needs grows with its widest Gaussian (`b_k + B`: 7CEC's atoms span 72-269 Å²),
+so each structure's atoms are sorted from the narrowest to the widest and every chunk of them gets
+the smallest of a few window sizes that holds it, chosen from the values when it is rendered
+(`WindowClasses`; one window sized for the widest atom cost 1.6× per map on 7CEC regions).
+Everything is differentiable through the whole batch.
 
 Maps either share one grid, or each structure gets a box of the same shape centred on it (the
 shape ML models train on): its origin is a whole number of voxels (written as an MRC `nstart`), and
@@ -44,6 +44,7 @@ from ..render import (
     SplatFourierRenderFn,
 )
 from ..render._render import volume_for_method
+from ..render._windows import locality_order
 from ..scattering import get_table
 from ..volumes import DEFAULT_SHELL_TERMS, AbstractVolume
 
@@ -189,13 +190,12 @@ def render_poses(
 
 
 class BatchGroup(eqx.Module):
-    """Parts of structures padded to one bucket size, stacked, with the render function that covers
-    them. A structure's atoms are split by B class into parts (`plan_batch`); its map is the sum
-    of its parts' maps (`assemble`), one part per group at most.
+    """Structures padded to one bucket size, stacked, with the render function that covers them.
 
-    - `volumes`: the stacked volumes `(B_g, n_bucket, ...)`, positions shifted into the reference grid.
+    - `volumes`: the stacked volumes `(B_g, n_bucket, ...)`, positions shifted into the reference
+      grid, each structure's atoms sorted by width (`plan_batch`).
     - `render_fn`: the planned render function on the reference grid.
-    - `indices`: the structure of each part, in order (static).
+    - `indices`: the structure of each member, in order (static).
     - `atom_index`: `(B_g, n_bucket)` the index in its structure of the atom in each slot, -1 for a
       padding slot (numpy): gradients with respect to `volumes` map back to the structures' atoms.
     - `origins`: `(B_g, 3)` x, y, z in Å of each structure's grid point (0, 0, 0) (numpy).
@@ -262,6 +262,7 @@ def plan_batch(
     bucket_minimum: int = 256,
     b_step: float = 50.0,
     b_margin: float = 0.0,
+    window_classes: int = 6,
     names: Sequence[str] | None = None,
 ) -> list[BatchGroup]:
     """Pad, group and stack a batch of structures, with a render function that covers all of them.
@@ -280,15 +281,16 @@ def plan_batch(
     - `table`: `"electron"` or `"xray"`.
     - `n_terms`: shell terms kept (shell method).
     - `bucket_minimum`: the smallest bucket size (`bucket_size`).
-    - `b_step`: atoms are split into parts by their widest Gaussian `b_k + B` in classes of this
-      many Å², and the batch's lowest B is rounded down to a multiple of it: fewer distinct
-      compilations for a larger step, tighter windows for a smaller one.
+    - `b_step`: the batch's lowest B is rounded down, and its widest `b_k + B` up, to a multiple
+      of this many Å², so that other batches within the same bounds reuse the compiled functions.
     - `b_margin`: extra B (Å²) the plan allows, for B that will be refined.
+    - `window_classes`: window sizes the render function chooses from per chunk of atoms
+      (`WindowClasses`; each compiled once); 1: one window, sized for the widest atom, for all.
     - `names`: a name per structure for error messages (default "structure k").
 
-    **Returns:** a list of `BatchGroup`, one per bucket size and B class. A structure whose B
-    spans several classes is split into parts (at least `bucket_minimum / 2` atoms each, but for
-    its highest part), each rendered in the group of its size and highest B; `assemble` sums them.
+    **Returns:** a list of `BatchGroup`, one per bucket size, all with the same render function.
+    Each structure's atoms are sorted from the narrowest to the widest Gaussian (`atom_index`
+    says where each went), so that each chunk of atoms gets a window sized for them.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -322,62 +324,61 @@ def plan_batch(
     sampling = sampling or ("average" if method == "gaussian" else "point")
     if method == "shells" and sampling != "point":
         raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
-    # the lowest B of the whole batch (the Fourier route's anti-aliasing blur, the shell tables'
-    # narrowest term), rounded down to b_step; the highest per group, rounded up to b_step
-    lowest = RenderBounds.covering(structures, resolution, b_margin=b_margin, table=table, b_step=b_step,
-                                   n_terms=n_terms).b_factor[0]
+    # one render function for the whole batch: bounds from its lowest and highest B (rounded to
+    # b_step, so that other batches reuse it), window sizes chosen per chunk of atoms by their width
+    covering = RenderBounds.covering(structures, resolution, b_margin=b_margin, table=table, b_step=b_step,
+                                     n_terms=n_terms)
     # each atom's widest Gaussian, b_k + B: what its window must hold
     widest_term = np.asarray(tab.b).max(axis=1)
-    groups: dict[tuple[int, float], list[tuple[int, np.ndarray]]] = {}
+    widths = [widest_term[np.asarray(a.atomic_numbers)] + np.asarray(a.b_factors, np.float64) + b_margin
+              for a in structures]
+    top = b_step * math.ceil(max(float(w.max()) for w in widths) / b_step)
+    bounds = RenderBounds(covering.b_factor, resolution, covering.elements, table, n_terms, widest=top)
+    render_fn = _render_fn(method, ref, sampling, window_classes).with_bounds(bounds)
+    if method == "fourier":
+        # the anti-aliasing blur B_x of the batch's own lowest B, not of the bound rounded down
+        # (B_x grows as the lowest B drops: 50 Å² more on every atom costs 1.4× per map). B_x is
+        # an array, so this compiles nothing new; the windows, sized for the bound's wider blur,
+        # hold the narrower Gaussians, and each chunk takes the size its atoms need
+        exact = RenderBounds((min(float(np.min(np.asarray(a.b_factors))) for a in structures) - b_margin,
+                              bounds.b_factor[1]), resolution, covering.elements, table, n_terms, widest=top)
+        render_fn = eqx.tree_at(lambda r: r.extra_b, render_fn,
+                                _render_fn(method, ref, sampling, window_classes).with_bounds(exact).extra_b)
+    groups: dict[int, list[int]] = {}
     for k, a in enumerate(structures):
-        width = widest_term[np.asarray(a.atomic_numbers)] + np.asarray(a.b_factors, np.float64) + b_margin
-        for top, part in _split_by_width(width, b_step, bucket_minimum // 2):
-            groups.setdefault((bucket_size(len(part), bucket_minimum), top), []).append((k, part))
+        groups.setdefault(bucket_size(a.positions.shape[0], bucket_minimum), []).append(k)
     out = []
-    for size, top in sorted(groups):
-        members = groups[(size, top)]
-        z = np.unique(np.concatenate([np.asarray(structures[k].atomic_numbers)[p] for k, p in members]))
-        b_high = max(float(np.max(np.asarray(structures[k].b_factors)[p])) for k, p in members) + b_margin
-        bounds = RenderBounds((lowest, max(lowest, b_step * math.ceil(b_high / b_step))), resolution, z, table,
-                              n_terms, widest=top)
-        render_fn = _render_fn(method, ref, sampling).with_bounds(bounds)
+    for size in sorted(groups):
+        members = groups[size]
         vols, atom_index = [], np.full((len(members), size), -1, np.int64)
-        for j, (k, part) in enumerate(members):
+        for j, k in enumerate(members):
+            order = _width_order(widths[k], ref, np.asarray(structures[k].positions, np.float64) - shifts[k])
             # on the host (structures are concrete): only the padded bucket size reaches JAX, so a
             # structure of a new atom count compiles nothing (eager ops on its own shape would)
-            a = jax.tree.map(lambda x: np.asarray(x)[part], structures[k])
+            a = jax.tree.map(lambda x: np.asarray(x)[order], structures[k])
             a = eqx.tree_at(lambda x: x.positions, a, a.positions - shifts[k].astype(a.positions.dtype))
             vols.append(volume_for_method(method, pad_atoms(a, size), resolution, table, n_terms))
-            atom_index[j, : len(part)] = part
-        ks = [k for k, _ in members]
-        out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(ks), atom_index, np.asarray(origins[ks])))
+            atom_index[j, : len(order)] = order
+        out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(members), atom_index, np.asarray(origins[members])))
     return out
 
 
-def _split_by_width(b: np.ndarray, b_step: float, min_part: int) -> list[tuple[float, np.ndarray]]:
-    """A structure's atoms in parts of increasing width `b_k + B` (Å², each atom's widest Gaussian):
-    `[(the part's widest rounded up to b_step, atom indices)]`. Atoms are taken class by class
-    (classes of `b_step`) from the narrowest; a part closes once it holds `min_part` atoms, so that
-    small classes join their neighbours (a wider window for them) rather than pad a bucket of their
-    own. One window for all of a structure whose B spans 72-269 Å² (7CEC) costs 1.6× per map."""
-    cls = np.ceil(b / b_step).astype(np.int64)
-    parts, current = [], []
-    for c in np.unique(cls):
-        current.extend(np.flatnonzero(cls == c).tolist())
-        if len(current) >= min_part:
-            parts.append((float(c * b_step), np.asarray(current, np.int64)))
-            current = []
-    if current:
-        parts.append((float(cls.max() * b_step), np.asarray(current, np.int64)))
-    return parts
+def _width_order(width: np.ndarray, grid: Grid, positions: np.ndarray, step: float = 10.0) -> np.ndarray:
+    """A structure's atoms from the narrowest to the widest (`width`: `b_k + B`, Å², each atom's
+    widest Gaussian, in classes of `step` Å²), in voxel order within a class (cache locality): each
+    chunk of the render's scan then holds atoms of about one width, and gets a window sized for
+    them (`WindowClasses`) rather than for the structure's widest atom."""
+    rank = np.empty(len(width), np.int64)
+    rank[locality_order(grid, positions)] = np.arange(len(width))
+    return np.lexsort((rank, np.floor(width / step)))
 
 
 def assemble(groups: Sequence[BatchGroup | Sequence[int]], rendered: Sequence[Array], n_structures: int) -> Array:
-    """The map of every structure, `(n_structures, nz, ny, nx)`: the sum of its parts' maps.
+    """The map of every structure, `(n_structures, nz, ny, nx)`, in the structures' order.
 
     **Arguments:**
 
-    - `groups`: the `BatchGroup`s of `plan_batch` (or, for each, the structure index of each part).
+    - `groups`: the `BatchGroup`s of `plan_batch` (or, for each, the structure index of each member).
     - `rendered`: `render_stacked` of each group, `(B_g, nz, ny, nx)`.
     - `n_structures`: how many structures the batch holds.
 
@@ -389,12 +390,12 @@ def assemble(groups: Sequence[BatchGroup | Sequence[int]], rendered: Sequence[Ar
     return maps
 
 
-def _render_fn(method: str, grid: Grid, sampling: str) -> AbstractRenderFn:
+def _render_fn(method: str, grid: Grid, sampling: str, window_classes: int) -> AbstractRenderFn:
     if method == "gaussian":
-        return GaussianMixtureRenderFn(grid, sampling=sampling)
+        return GaussianMixtureRenderFn(grid, sampling=sampling, window_classes=window_classes)
     if method == "fourier":
-        return SplatFourierRenderFn(grid, sampling=sampling, eps=1e-5)
-    return ShellRenderFn(grid)
+        return SplatFourierRenderFn(grid, sampling=sampling, eps=1e-5, window_classes=window_classes)
+    return ShellRenderFn(grid, window_classes=window_classes)
 
 
 def render_batch(
