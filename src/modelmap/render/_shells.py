@@ -28,6 +28,7 @@ from ._windows import (
     WindowPlan,
     default_chunk_size,
     splat_kernel,
+    window_widths,
 )
 
 __all__ = ["ShellRenderFn", "shell_reach"]
@@ -347,9 +348,14 @@ def _cpu_threads(threads: int | None, volume: ShellDecompositionVolume) -> int:
 
 def _window_corner(grid: Grid, buckets) -> float:
     """The largest distance (Å) of a voxel from its source in the buckets' windows: a voxel is at
-    most `h + 1/2` voxels from it along each axis."""
+    most `h + 1/2` voxels from it along y and z, `wx - 1 - hx + 1/2` along x (`window_widths`)."""
     voxel = np.asarray(grid.voxel_size, np.float64)
-    return max(float(np.linalg.norm((np.asarray(b.half_width) + 0.5) * voxel)) for b in buckets)
+
+    def corner(h):
+        wx = window_widths(h)[0]
+        return float(np.linalg.norm((np.array([wx - 1 - h[0], h[1], h[2]]) + 0.5) * voxel))
+
+    return max(corner(h) for b in buckets for h in b.sizes)
 
 
 def _reach(volume: ShellDecompositionVolume, n_sigma: float):

@@ -1,12 +1,15 @@
 """Local windows: every source touches only a small box of voxels around it.
 
-The renderer adds each source's values into a window of `(2hz+1, 2hy+1, 2hx+1)` voxels centred on
-the voxel nearest to it. Sources are bucketed by window size (so a few wide atoms do not make every
-window wide), and each bucket is processed in chunks inside a `lax.scan`, so the memory held at once
-is one chunk of windows plus the map, whatever the number of sources.
+The renderer adds each source's values into a window of `(2hz+1, 2hy+1, wx)` voxels around the
+voxel nearest to it (`wx`: `2hx+1` rounded up to a multiple of `X_ALIGN`, the extra voxels on the +x
+side; see `window_widths`). Sources are bucketed by window size (so a few wide atoms do not make
+every window wide), or each chunk of them picks its size (`WindowClasses`), and each bucket is
+processed in chunks inside a loop, so the memory held at once is one chunk of windows plus the map,
+whatever the number of sources.
 
-The map is accumulated in a padded copy of the grid (`2 h_max` voxels on every side) so that every
-window that touches the grid lies wholly inside it: no index is ever clamped or wrapped. Sources whose
+The map is accumulated in a padded copy of the grid (`window_pad`: `2 h_max` voxels on every side,
+`wx - 1` along x) so that every window that touches the grid lies wholly inside it: no index is
+ever clamped or wrapped. Sources whose
 window does not touch the grid contribute nothing (their amplitude is masked to 0).
 
 Windows are added to the map in one of two ways, chosen by platform (`accumulate="auto"`, through
@@ -159,7 +162,7 @@ class WindowPlan(AbstractWindowPlan):
         else:
             buckets.append(WindowBucket(half_width, put(idx), put(mask)))
             buckets.sort(key=lambda b: b.half_width)
-        pad = tuple(max(p, 2 * h) for p, h in zip(self.pad, half_width))
+        pad = tuple(max(p, q) for p, q in zip(self.pad, window_pad(half_width)))
         return WindowPlan(tuple(buckets), self.max_variance, self.n_sigma, pad)
 
     def refit(self, grid: Grid, required: "WindowPlan", positions=None) -> "WindowPlan | None":
@@ -321,7 +324,7 @@ class WindowPlan(AbstractWindowPlan):
                 WindowBucket(key, put(padded.reshape(nc, c).astype(np.int32)), put(mask.reshape(nc, c)))
             )
         hmax = half.max(axis=0)
-        return cls(tuple(buckets), put(fit), float(n_sigma), tuple(int(2 * h) for h in hmax))
+        return cls(tuple(buckets), put(fit), float(n_sigma), window_pad(hmax))
 
 
 def locality_order(grid: Grid, positions) -> np.ndarray:
@@ -335,6 +338,27 @@ def default_chunk_size(cpu: int, other: int = 2048) -> int:
     windows in cache), `other` on other backends, where one chunk is one scatter-add and fewer,
     larger steps keep the device busy (memory: `other` windows at once)."""
     return cpu if jax.default_backend() == "cpu" else other
+
+
+#: A window's extent along x is `2 hx + 1` voxels rounded up to a multiple of this: XLA's CPU loop
+#: adds rows of 8·k floats 3-4 times as fast per voxel (13 × 13 × 16 voxels: 0.28 ns each; 13 × 13 ×
+#: 13: 1.0 ns, 1,800 windows of 5 Gaussian terms). The extra voxels, on the +x side, hold the
+#: Gaussian's further tail: the map is a little more complete there, never less.
+X_ALIGN = 8
+
+
+def window_widths(half) -> tuple[int, int, int]:
+    """`(wx, wy, wz)` voxels of a window of half widths `half` (x, y, z): `2h + 1`, `wx` rounded up to
+    a multiple of `X_ALIGN`; the window spans `[-hx, wx - 1 - hx]` voxels along x from its centre."""
+    hx, hy, hz = (int(h) for h in half)
+    return X_ALIGN * math.ceil((2 * hx + 1) / X_ALIGN), 2 * hy + 1, 2 * hz + 1
+
+
+def window_pad(half) -> tuple[int, int, int]:
+    """`(px, py, pz)` voxels of padding of the accumulation grid on every side, so that every window
+    of half widths up to `half` that touches the grid lies wholly inside it."""
+    wx, wy, wz = window_widths(half)
+    return wx - 1, wy - 1, wz - 1
 
 
 def _half_widths(radii, voxel) -> np.ndarray:
@@ -381,7 +405,7 @@ class UniformWindows(AbstractWindowPlan):
         mask = np.arange(nc * c) < n_sources
         var = float(_covered_variance(self.half_width, grid.voxel_size, self.n_sigma))
         bucket = WindowBucket(self.half_width, jnp.asarray(idx.reshape(nc, c), jnp.int32), jnp.asarray(mask.reshape(nc, c)))
-        return WindowPlan((bucket,), jnp.full((n_sources,), var), self.n_sigma, tuple(2 * h for h in self.half_width))
+        return WindowPlan((bucket,), jnp.full((n_sources,), var), self.n_sigma, window_pad(self.half_width))
 
 
 class WindowClasses(AbstractWindowPlan):
@@ -440,7 +464,7 @@ class WindowClasses(AbstractWindowPlan):
         k = len(self.half_widths) - 1
         bucket = WindowBucket(widest, jnp.asarray(idx.reshape(nc, c), jnp.int32), jnp.asarray(mask.reshape(nc, c)),
                               self.half_widths, jnp.full((nc,), k, jnp.int32))
-        pad = tuple(2 * max(h[a] for h in self.half_widths) for a in range(3))
+        pad = window_pad(tuple(max(h[a] for h in self.half_widths) for a in range(3)))
         return WindowPlan((bucket,), jnp.full((n_sources,), var), self.n_sigma, pad)
 
 
@@ -511,7 +535,8 @@ class GaussianKernel(AbstractPerSourceKernel):
         c, k = A.shape
         wz, wy, wx = afz.shape[-1], fy.shape[-1], fx.shape[-1]
         t = (afz[:, :, :, None] * fy[:, :, None, :]).reshape(c, k, wz * wy)
-        return jnp.einsum("ckp,ckx->cpx", t, fx).reshape(c, wz, wy, wx)
+        # HIGHEST: a GPU's default matmul precision (TF32) would cost the map its 1e-5 accuracy
+        return jnp.einsum("ckp,ckx->cpx", t, fx, precision=lax.Precision.HIGHEST).reshape(c, wz, wy, wx)
 
     # One source at a time (the CPU loop's forward map): `factors` once per chunk, `window` per source
     # where it is added to the map. A chunk's windows at once, `__call__`, took 3-4 times as long on
@@ -526,12 +551,12 @@ class GaussianKernel(AbstractPerSourceKernel):
         return fx, fy, A[:, :, None] * fz
 
     def window(self, fx, fy, afz):
-        """One source's window `(wz, wy, wx)` from its rows of `factors`: `__call__`'s values, the
-        K terms summed one by one (one fused loop over the window's voxels)."""
-        out = afz[0][:, None, None] * fy[0][None, :, None] * fx[0][None, None, :]
-        for k in range(1, afz.shape[0]):
-            out = out + afz[k][:, None, None] * fy[k][None, :, None] * fx[k][None, None, :]
-        return out
+        """One source's window `(wz, wy, wx)` from its rows of `factors`: `__call__`'s values, as
+        one `(wz, K) @ (K, wy·wx)` product. On the CPU this took 6.1 ms for 1,812 atoms of 7CEC into
+        64³ of 1.5 Å against 9.3 ms for the K terms summed in one fused loop over the voxels."""
+        k, wz = afz.shape
+        rows = (fy[:, :, None] * fx[:, None, :]).reshape(k, -1)
+        return jnp.dot(afz.T, rows, precision=lax.Precision.HIGHEST).reshape(wz, fy.shape[1], fx.shape[1])
 
     def silent(self, A, V):
         """`(c,)` True for sources whose window is exactly 0 (every amplitude 0: padding atoms)."""
@@ -612,8 +637,7 @@ def _bucket_splatter(
     def chunk_ops(half):
         """(add a chunk's windows to the map, a chunk's cotangents from the cotangent map) for
         windows of `half` voxels."""
-        hx, hy, hz = half
-        widths = (2 * hx + 1, 2 * hy + 1, 2 * hz + 1)  # x, y, z
+        widths = window_widths(half)  # x, y, z
         wz, wy, wx = widths[2], widths[1], widths[0]
         limits = np.array([padded_shape[2], padded_shape[1], padded_shape[0]]) - np.array(widths)
         # flat offsets of a window's voxels from its first voxel in the padded map, (wz*wy*wx,)
