@@ -262,7 +262,7 @@ def plan_batch(
     bucket_minimum: int = 256,
     b_step: float = 50.0,
     b_margin: float = 0.0,
-    window_classes: int = 6,
+    window_classes: int | None = None,
     names: Sequence[str] | None = None,
 ) -> list[BatchGroup]:
     """Pad, group and stack a batch of structures, with a render function that covers all of them.
@@ -286,6 +286,10 @@ def plan_batch(
     - `b_margin`: extra B (Å²) the plan allows, for B that will be refined.
     - `window_classes`: window sizes the render function chooses from per chunk of atoms
       (`WindowClasses`; each compiled once); 1: one window, sized for the widest atom, for all.
+      `None`: 6 on the CPU, where a batch renders one structure at a time; 1 elsewhere, where
+      `render_stacked` vmaps many structures per step and each size's loop then runs for the
+      step's largest count of chunks of that size (the sizes its members need add up; not yet
+      measured on a GPU).
     - `names`: a name per structure for error messages (default "structure k").
 
     **Returns:** a list of `BatchGroup`, one per bucket size, all with the same render function.
@@ -326,6 +330,8 @@ def plan_batch(
         raise ValueError("the shell map is sampled at grid points: pass sampling='point'")
     # one render function for the whole batch: bounds from its lowest and highest B (rounded to
     # b_step, so that other batches reuse it), window sizes chosen per chunk of atoms by their width
+    if window_classes is None:
+        window_classes = 6 if jax.default_backend() == "cpu" else 1
     covering = RenderBounds.covering(structures, resolution, b_margin=b_margin, table=table, b_step=b_step,
                                      n_terms=n_terms)
     # each atom's widest Gaussian, b_k + B: what its window must hold
