@@ -8,7 +8,8 @@ no value of any structure, so another batch within the same bounds reuses the co
 The window an atom needs grows with its widest Gaussian (`b_k + B`: 7CEC's atoms span 72-269 Å²),
 so each structure's atoms are sorted from the narrowest to the widest and every chunk of them gets
 the smallest of a few window sizes that holds it, chosen from the values when it is rendered
-(`WindowClasses`; one window sized for the widest atom cost 1.6× per map on 7CEC regions).
+(`WindowClasses`; one window sized for the widest atom costs 1.9× per map: 13.0 against 6.9 ms
+for 64 regions of 7CEC in 64³ boxes of 1.5 Å on the CPU).
 Everything is differentiable through the whole batch.
 
 Maps either share one grid, or each structure gets a box of the same shape centred on it (the
