@@ -408,6 +408,11 @@ class UniformWindows(AbstractWindowPlan):
         return WindowPlan((bucket,), jnp.full((n_sources,), var), self.n_sigma, window_pad(self.half_width))
 
 
+def _by_volume(half) -> tuple:
+    """Sort key of window sizes: narrowest (fewest voxels) first."""
+    return (int(np.prod(window_widths(half))), tuple(half))
+
+
 class WindowClasses(AbstractWindowPlan):
     """A few window sizes declared for any volume; each chunk of `chunk_size` sources gets the
     smallest that holds all of them, chosen from the volume's values when it is rendered
@@ -432,7 +437,7 @@ class WindowClasses(AbstractWindowPlan):
     def __check_init__(self):
         if not self.half_widths:
             raise ValueError("WindowClasses needs at least one window size")
-        if list(self.half_widths) != sorted(self.half_widths, key=lambda h: (np.prod(2 * np.asarray(h) + 1), h)):
+        if list(self.half_widths) != sorted(self.half_widths, key=_by_volume):
             raise ValueError(f"window sizes must be given narrowest first, got {self.half_widths}")
 
     @classmethod
@@ -447,7 +452,7 @@ class WindowClasses(AbstractWindowPlan):
             raise ValueError(f"need 0 < smallest <= largest radius, got {smallest}, {largest}")
         r = np.concatenate([np.linspace(smallest, largest, 512), [largest]])
         half = np.maximum(_half_widths(r, grid.voxel_size), 1)
-        sizes = sorted({tuple(int(v) for v in h) for h in half}, key=lambda h: (np.prod(2 * np.asarray(h) + 1), h))
+        sizes = sorted({tuple(int(v) for v in h) for h in half}, key=_by_volume)
         if len(sizes) > max_classes:
             keep = np.unique(np.round(np.linspace(len(sizes) - 1, 0, max_classes)).astype(int))
             sizes = [sizes[k] for k in sorted(keep)]
@@ -455,17 +460,12 @@ class WindowClasses(AbstractWindowPlan):
 
     def resolve(self, grid: Grid, n_sources: int) -> WindowPlan:
         """The plan for `n_sources` sources, every chunk at the widest size until `fit_chunks`."""
-        c = min(self.chunk_size, max(8, 8 * math.ceil(n_sources / 8)))
-        nc = max(1, math.ceil(n_sources / c))
-        idx = np.minimum(np.arange(nc * c), max(n_sources - 1, 0))
-        mask = np.arange(nc * c) < n_sources
-        widest = self.half_widths[-1]
-        var = float(_covered_variance(widest, grid.voxel_size, self.n_sigma))
-        k = len(self.half_widths) - 1
-        bucket = WindowBucket(widest, jnp.asarray(idx.reshape(nc, c), jnp.int32), jnp.asarray(mask.reshape(nc, c)),
-                              self.half_widths, jnp.full((nc,), k, jnp.int32))
+        plan = UniformWindows(self.half_widths[-1], self.n_sigma, self.chunk_size).resolve(grid, n_sources)
+        (b,) = plan.buckets
+        chunk_class = jnp.full(b.indices.shape[:1], len(self.half_widths) - 1, jnp.int32)
+        bucket = WindowBucket(b.half_width, b.indices, b.mask, self.half_widths, chunk_class)
         pad = window_pad(tuple(max(h[a] for h in self.half_widths) for a in range(3)))
-        return WindowPlan((bucket,), jnp.full((n_sources,), var), self.n_sigma, pad)
+        return WindowPlan((bucket,), plan.max_variance, self.n_sigma, pad)
 
 
 def _erf_diff(lo, hi):
