@@ -59,7 +59,7 @@ def test_memory_check_compares_with_a_fixed_limit(monkeypatch):
 
     grid = mm.Grid((64, 64, 64), 1.0)  # 1 MiB a copy
     grid.check_fits_in_memory(limit=4 * 2**20)
-    with pytest.raises(mm.GridTooLargeError, match=r"64 x 64 x 64 .* needs about 0\.0 GiB .*the given limit"):
+    with pytest.raises(mm.GridTooLargeError, match=r"64 x 64 x 64 .* needs about 4.0 MiB .*of 1.0 MiB.*limit is 4.0 MiB .the given limit"):
         grid.check_fits_in_memory(limit=4 * 2**20 - 1)
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "3M")
     assert memory_limit_bytes() == (3 * 2**20, f"${MEMORY_LIMIT_ENV}")

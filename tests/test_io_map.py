@@ -160,6 +160,26 @@ def test_write_is_atomic_and_protects_inputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.mrc"]  # no temporary left behind
 
 
+def test_write_map_copies_by_chunks_and_its_header_stats_are_float64_exact(tmp_path, monkeypatch):
+    from modelmap.io import _map
+
+    monkeypatch.setattr(_map, "_CHUNK_VALUES", 7 * 9)  # chunks of one z-plane: 11 of them
+    rng = np.random.default_rng(3)
+    data = (rng.normal(size=(11, 9, 7)) * 3 + 1).astype(np.float32)
+    grid = mm.Grid(data.shape, (1.0, 1.5, 2.0), (2.0, -3.0, 4.0))
+    path = mm.write_map(tmp_path / "m.mrc", data, grid)
+    assert mrcfile.validate(str(path), print_file=open(tmp_path / "log", "w"))
+    with mrcfile.open(str(path)) as mrc:
+        np.testing.assert_array_equal(mrc.data, data)
+        h = mrc.header
+        ref = data.astype(np.float64)
+        assert (float(h.dmin), float(h.dmax)) == (float(data.min()), float(data.max()))
+        np.testing.assert_allclose([float(h.dmean), float(h.rms)], [ref.mean(), ref.std()], rtol=1e-6)
+    back = mm.read_map(path)
+    np.testing.assert_array_equal(np.asarray(back.data), data)
+    assert back.grid.same_as(grid)
+
+
 def test_gz_output_is_gzip(tmp_path):
     grid = mm.Grid((3, 4, 5), 1.5, (3.0, 0.0, -1.5))
     data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)

@@ -170,6 +170,36 @@ def test_render_model_streams_when_the_whole_map_does_not_fit(monkeypatch):
     np.testing.assert_allclose(streamed, whole, atol=1e-6 * np.abs(whole).max())
 
 
+def test_cli_render_streams_a_map_that_fits_once_but_not_four_times(shared_data, tmp_path, monkeypatch):
+    """The CLI asks only that the map fit once: render_model streams its working memory and
+    write_map copies nothing, so a map over a quarter of the limit is rendered, not refused."""
+    from typer.testing import CliRunner
+
+    from modelmap.cli import app
+
+    path = shared_data / "models" / "1crn.pdb"
+    args = ["render", str(path), "-d", "2", "--padding", "60", "--no-cxc", "-o"]
+    res = CliRunner().invoke(app, args + [str(tmp_path / "whole.mrc")])
+    assert res.exit_code == 0, res.output
+    whole = mm.read_map(tmp_path / "whole.mrc")
+    atoms = mm.read_model(path).atoms
+    vol = mm.GaussianMixtureVolume.from_atoms(atoms, 2.0)
+    grid = whole.grid
+    pad = mm.GaussianMixtureRenderFn(grid).with_plan(vol).plan.pad
+    limit = grid.nbytes() + mm.render.slab_memory_bytes(grid, grid.shape[0] // 4 + 1, pad, atoms.n_atoms)
+    assert 4 * grid.nbytes() > limit  # the CLI's former check (four maps) refused this grid
+    monkeypatch.setenv("MODELMAP_MEMORY_LIMIT", str(limit))
+    assert SlabPlan.build(mm.GaussianMixtureRenderFn(grid), vol).n_slabs > 1
+    res = CliRunner().invoke(app, args + [str(tmp_path / "streamed.mrc")])
+    assert res.exit_code == 0, res.output
+    streamed = mm.read_map(tmp_path / "streamed.mrc")
+    assert streamed.grid.same_as(grid)
+    # float32 sums in another order (the slabs' window plan is not the whole map's): 3e-6 of the
+    # peak where a protein's windows overlap, spread over the model, not at the slabs' seams
+    peak = float(np.abs(whole.data).max())
+    np.testing.assert_allclose(np.asarray(streamed.data), np.asarray(whole.data), atol=1e-5 * peak)
+
+
 def test_memory_estimate_refuses_before_allocating():
     _, grid, vol = _small_volume()
     with pytest.raises(GridTooLargeError, match=r"grid \(x, y, z.*120 atoms.*memory limit is"):

@@ -31,6 +31,14 @@ DEFAULT_MEMORY_LIMIT = 16 * 2**30
 _SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+def format_bytes(n: float) -> str:
+    """`n` bytes in the largest binary unit that keeps it at 1 or more ("1.5 GiB", "12.3 MiB")."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def _parse_bytes(text: str) -> int:
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1:] if t[-1:] in _SUFFIXES and t[-1:] else ""
@@ -138,7 +146,8 @@ class Grid(eqx.Module):
         - `voxel_size`: Å, scalar or `(vx, vy, vz)`.
         - `padding`: Å of empty margin beyond the outermost atoms.
 
-        **Returns:** the `Grid`.
+        **Returns:** the `Grid`. Raises `GridTooLargeError` where one map of it (float32) would not
+        fit the memory limit (`check_fits_in_memory(copies=1)`).
         """
         pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
         if pos.shape[0] == 0:
@@ -152,7 +161,9 @@ class Grid(eqx.Module):
         hi = pos.max(0) + padding
         n_xyz = np.floor((hi - lo) / voxel + 1e-9).astype(int) + 1
         grid = cls(tuple(int(n) for n in n_xyz[::-1]), tuple(voxel), tuple(lo))
-        grid.check_fits_in_memory()
+        # the map itself must fit; what rendering needs beside it, renderers check (render_model
+        # streams z-slabs where the whole map's working memory would not fit)
+        grid.check_fits_in_memory(copies=1)
         return grid
 
     # -- derived quantities ------------------------------------------------------------------------
@@ -248,9 +259,9 @@ class Grid(eqx.Module):
         if need > have:
             nz, ny, nx = self.shape
             raise GridTooLargeError(
-                f"a {nx} x {ny} x {nz} grid (x, y, z) needs about {need / 2**30:.1f} GiB "
-                f"({copies:g} copies of {self.nbytes(itemsize) / 2**30:.1f} GiB) but the memory limit is "
-                f"{have / 2**30:.1f} GiB ({source}; set ${MEMORY_LIMIT_ENV} to change it); use a larger "
+                f"a {nx} x {ny} x {nz} grid (x, y, z) needs about {format_bytes(need)} "
+                f"({copies:g} copies of {format_bytes(self.nbytes(itemsize))}) but the memory limit is "
+                f"{format_bytes(have)} ({source}; set ${MEMORY_LIMIT_ENV} to change it); use a larger "
                 "voxel size, less padding or a smaller box"
             )
 

@@ -203,7 +203,9 @@ def render_to_files(
                           + ("; the map is empty" if not inside.any() else ""), stacklevel=2)
     else:
         grid = Grid.around_positions(model.atoms.positions, voxel_size, padding)
-    grid.check_fits_in_memory()
+    # the map must fit on the host once; render_model streams z-slabs where its working memory
+    # would not fit beside it, and write_map writes it without a copy
+    grid.check_fits_in_memory(copies=1)
     members = select_models(model, models)
     atoms, per_atom = members, resolution
     if resolution_from_b or local_resolution is not None:

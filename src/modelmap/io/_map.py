@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -55,6 +56,32 @@ class DensityMap(eqx.Module):
 
 _MODES_OK = (0, 1, 2, 6, 12)
 
+# values per z-chunk when a map is scanned or copied: a chunk's float64 temporaries take 32 MiB,
+# whatever the map's size (a map that only just fits in memory is never copied whole)
+_CHUNK_VALUES = 1 << 22
+
+
+def _z_chunks(shape: tuple[int, int, int]) -> list[slice]:
+    nz, ny, nx = shape
+    step = max(1, _CHUNK_VALUES // max(1, ny * nx))
+    return [slice(i, min(i + step, nz)) for i in range(0, nz, step)]
+
+
+def _count_not_finite(data: np.ndarray) -> int:
+    """How many NaN or infinite values a `(nz, ny, nx)` map holds, one z-chunk at a time."""
+    return sum(int(np.count_nonzero(~np.isfinite(data[s]))) for s in _z_chunks(data.shape))
+
+
+def _header_stats(data: np.ndarray) -> tuple[np.float32, np.float32, np.float32, np.float32]:
+    """The MRC header's DMIN, DMAX, DMEAN and RMS (the standard deviation about the mean, as
+    mrcfile's `update_header_stats` defines it), summed in float64 one z-chunk at a time."""
+    chunks = _z_chunks(data.shape)
+    lo = min(float(data[s].min()) for s in chunks)
+    hi = max(float(data[s].max()) for s in chunks)
+    mean = sum(float(data[s].sum(dtype=np.float64)) for s in chunks) / data.size
+    var = sum(float(np.square(data[s].astype(np.float64) - mean).sum()) for s in chunks) / data.size
+    return np.float32(lo), np.float32(hi), np.float32(mean), np.float32(np.sqrt(var))
+
 
 def map_array(
     density, grid: Grid | None = None, *, what: str = "map", dtype=np.float64, need_grid: bool = True
@@ -93,9 +120,9 @@ def map_array(
         if own_grid:
             raise ModelmapError(f"{what}: the data {data.shape} does not match its grid {tuple(grid.shape)}")
         raise ModelmapError(f"{what} {data.shape} is not on the same grid as {tuple(grid.shape)}")
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise ModelmapError(f"{what} has {int(bad.sum())} NaN or infinite value(s)")
+    n_bad = _count_not_finite(data)
+    if n_bad:
+        raise ModelmapError(f"{what} has {n_bad} NaN or infinite value(s)")
     return data, grid
 
 
@@ -186,8 +213,9 @@ def read_map(path: str | os.PathLike, *, dtype=jnp.float32) -> DensityMap:
         # we want axis 0 = z (3), 1 = y (2), 2 = x (1)
         file_axes = [axes[2], axes[1], axes[0]]
         data = np.transpose(data, [file_axes.index(a) for a in (3, 2, 1)])
-    if not np.all(np.isfinite(data)):
-        raise MapFileError(f"{path}: the map has {int((~np.isfinite(data)).sum())} NaN or infinite values")
+    n_bad = _count_not_finite(data)
+    if n_bad:
+        raise MapFileError(f"{path}: the map has {n_bad} NaN or infinite values")
     return DensityMap(jnp.asarray(data, dtype), grid)
 
 
@@ -252,8 +280,12 @@ def write_map(
         )
     with atomic_path(path, protect=protect) as tmp:
         tmp_plain = tmp.with_name(tmp.name + ".mrc") if path.suffix == ".gz" else tmp
-        with mrcfile.new(str(tmp_plain), overwrite=True) as mrc:
-            mrc.set_data(data)
+        # written through a memory map one z-chunk at a time, and its statistics summed the same
+        # way: the map is never copied (mrcfile's set_data and update_header_stats would hold
+        # float32 temporaries of its whole size)
+        with mrcfile.new_mmap(str(tmp_plain), shape=data.shape, mrc_mode=2, overwrite=True) as mrc:
+            for s in _z_chunks(data.shape):
+                mrc.data[s] = data[s]
             mrc.voxel_size = tuple(float(v) for v in voxel)
             if whole:
                 mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (int(v) for v in nstart)
@@ -261,9 +293,9 @@ def write_map(
             else:
                 mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
                 mrc.header.origin = tuple(float(v) for v in origin)
-            mrc.update_header_stats()
+            mrc.header.dmin, mrc.header.dmax, mrc.header.dmean, mrc.header.rms = _header_stats(data)
         if path.suffix == ".gz":
             with open(tmp_plain, "rb") as src, gzip.open(tmp, "wb") as dst:
-                dst.write(src.read())
+                shutil.copyfileobj(src, dst, 1 << 24)
             tmp_plain.unlink()
     return path

@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import GridTooLargeError
-from .._grid import MEMORY_LIMIT_ENV, Grid, memory_limit_bytes
+from .._grid import MEMORY_LIMIT_ENV, Grid, format_bytes, memory_limit_bytes
 from .._sharding import shard_leading
 from ._base import AbstractRenderFn, device_of, is_traced
 from ._gaussian_mixture import GaussianMixtureRenderFn
@@ -240,10 +240,10 @@ def _fewest_slabs(grid: Grid, pad, n_atoms: int, itemsize: int, multiple_of: int
             return s
     least = slab_memory_bytes(grid, 1, pad, n_atoms, itemsize)
     raise GridTooLargeError(
-        f"a {nx} x {ny} x {nz} grid (x, y, z; the map alone {whole / 2**30:.2f} GiB) with {n_atoms:,} atoms "
-        f"does not fit: even one-plane slabs need {least / 2**30:.2f} GiB of working memory"
+        f"a {nx} x {ny} x {nz} grid (x, y, z; the map alone {format_bytes(whole)}) with {n_atoms:,} atoms "
+        f"does not fit: even one-plane slabs need {format_bytes(least)} of working memory"
         + (" beside the map" if device.platform == "cpu" else "")
-        + f", and the memory limit is {have / 2**30:.2f} GiB ({source}; set ${MEMORY_LIMIT_ENV} to change it); "
+        + f", and the memory limit is {format_bytes(have)} ({source}; set ${MEMORY_LIMIT_ENV} to change it); "
         "use a larger voxel size, a smaller box, or more devices"
     )
 
