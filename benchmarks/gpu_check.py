@@ -9,7 +9,7 @@ and points `MODELMAP_TEST_DATA` at the carried data; see benchmarks/gpu_prepare.
 What it measures (GPU sizes; `--cpu` in brackets):
 
 - every renderer (`gaussian`: Gaussian mixture, exact voxel averages, `--res-gaussian` 1.5 Å;
-  `splat_fourier`: the Fourier map by splatting + FFT, 4 Å; `nufft`: the exact Fourier map through
+  `splat_fourier`: the Fourier map by splatting + FFT, 4 Å, eps 1e-5 as `render_model` uses; `nufft`: the exact Fourier map through
   jax-finufft, 4 Å; `shells`: the shell decomposition, 6 terms, 4 Å), forward and `value_and_grad`
   of −CC against the model's own map (gradient with respect to every float leaf of the volume), at
   - `26k`: 4YVS as deposited (26,430 atoms, the asymmetric unit of the EV71 VLP) on a 1 Å grid with
@@ -154,7 +154,7 @@ def mm_render_fn(renderer, grid, volume):
     if renderer == "gaussian":
         fn = mm.GaussianMixtureRenderFn(grid, sampling="average")
     elif renderer == "splat_fourier":
-        fn = mm.render.SplatFourierRenderFn(grid)
+        fn = mm.render.SplatFourierRenderFn(grid, eps=1e-5)  # the accuracy render_model and the batch use
     elif renderer == "nufft":
         fn = mm.NufftRenderFn(grid)
     elif renderer == "shells":
