@@ -400,11 +400,11 @@ def run_cryojax(args, structures, report, tmp: Path):
         if line.startswith("[cryojax]"):
             _log(line)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    # the rows it finished (it prints its report after every batch size), and why it stopped
+    report["cryojax"] = json.loads(lines[-1]) if lines else {}
     if proc.returncode != 0 or not lines:
-        report["cryojax"] = {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+        report["cryojax"]["error"] = f"exit {proc.returncode}: {proc.stderr[-2000:]}"
         _log(f"cryoJAX failed: {report['cryojax']['error'][-500:]}")
-        return None
-    report["cryojax"] = json.loads(lines[-1])
     return np.load(map_out) if map_out.exists() else None
 
 

@@ -11,7 +11,8 @@ nearest voxels, exact voxel averages by erf; `n_spread` per Gaussian term from
 (`jax.lax.map` with `batch_size`, i.e. vmap in chunks, as modelmap's `render_stacked`): the forward
 maps and `value_and_grad` of sum(maps²) with respect to the volumes, for each batch size.
 
-Prints one JSON object on the last line of stdout; progress goes to stderr. Only numpy and the
+Prints the report as one JSON line on stdout after every batch size (the last line is the whole
+report; `complete` says whether every size ran); progress goes to stderr. Only numpy and the
 standard library at module level: it must import in an interpreter without modelmap.
 """
 
@@ -123,6 +124,13 @@ def main(argv=None):
                 row[mode] = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000]}
                 _log(f"B={n} {mode}: {row[mode]['error']}")
         results[str(n)] = row
+        _report(results, n_spread, setup_s, args, done=n == sizes[-1])
+
+
+def _report(results, n_spread, setup_s, args, done):
+    """Print the report so far as one JSON line (after every batch size, so that a process killed
+    later, e.g. for memory, keeps the rows it finished)."""
+    import jax
 
     versions = {}
     for name in ("cryojax", "jax", "jaxlib", "equinox", "numpy"):
@@ -131,6 +139,7 @@ def main(argv=None):
         except metadata.PackageNotFoundError:
             versions[name] = None
     print(json.dumps({
+        "complete": done,
         "python": sys.executable, "python_version": platform.python_version(), "versions": versions,
         "device": str(jax.devices()[0]), "n_spread": list(n_spread) if isinstance(n_spread, tuple) else n_spread,
         "setup_s": setup_s, "batch_size": args.batch_size, "results": results,
@@ -138,7 +147,7 @@ def main(argv=None):
                "extra_b_factors=B + 4 D^2), amplitudes * occupancy; cxs.GaussianMixtureRenderFn((n, n, n), voxel, "
                "n_spread=suggest_n_spread(all volumes, voxel, cutoff_sigma=5)); jax.lax.map(render_fn, stacked, "
                "batch_size) under jax.jit; value_and_grad of sum(maps**2) w.r.t. the stacked volumes",
-    }))
+    }), flush=True)
 
 
 if __name__ == "__main__":
