@@ -307,12 +307,22 @@ def fig_score_refine() -> None:
     print("refine:", result.summary())
 
 
+def _newest_batch_run(results: Path) -> Path | None:
+    """The newest `bench_batch_cpu*.json` (by its `created` time) of those that ran the most methods."""
+    runs = []
+    for path in results.glob("bench_batch_cpu*.json"):
+        d = json.loads(path.read_text())
+        runs.append((len(d.get("modelmap", {})), d.get("created", ""), path))
+    return max(runs)[2] if runs else None
+
+
 def fig_benchmarks(results: Path) -> None:
-    """Batch throughput (maps/s) against batch size, from bench_batch.py's JSON."""
-    path = results / "bench_batch_cpu.json"
-    if not path.exists():
-        print(f"no {path}: benchmark figure left as it is")
+    """Batch throughput (maps/s) against batch size, from bench_batch.py's newest full run."""
+    path = _newest_batch_run(results)
+    if path is None:
+        print(f"no bench_batch_cpu*.json in {results}: benchmark figure left as it is")
         return
+    print(f"bench_batch.png from {path}")
     d = json.loads(path.read_text())
     fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(10, 3.6), sharey=True)
     for ax, what in zip(axes, ("forward", "value_and_grad")):
@@ -325,6 +335,10 @@ def fig_benchmarks(results: Path) -> None:
         if what == "forward":
             g = d["gemmi"]["batches"]
             ax.plot([int(b) for b in g], [v["maps_per_s"] for v in g.values()], "ks--", label="gemmi loop (1 core)")
+        cj = [(int(b), row[what]["maps_per_s"]) for b, row in d.get("cryojax", {}).get("results", {}).items()
+              if row.get(what, {}).get("status") == "ok"]
+        if cj:
+            ax.plot(*zip(*cj), "^:", color="0.4", label="cryoJAX 0.6 (vmapped)")
         ax.set_xscale("log", base=2), ax.set_yscale("log")
         ax.set_xlabel("structures per batch"), ax.set_title(what, fontsize=9)
     axes[0].set_ylabel("maps / s"), axes[0].legend(fontsize=7)
