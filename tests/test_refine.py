@@ -477,6 +477,40 @@ def test_refine_command_writes_the_model_and_reports(tmp_path):
     assert res.exit_code == 2 and "parameters must name" in res.output
 
 
+def test_refine_command_takes_per_atom_resolutions_from_a_local_resolution_map(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from modelmap._interpolate import interpolate_map
+    from modelmap.cli import app
+
+    model = _helix("AAGAAAGA")
+    grid, target = _target(model)
+    map_path, model_path, lr_path = tmp_path / "target.mrc", tmp_path / "start.pdb", tmp_path / "locres.mrc"
+    mm.write_map(map_path, mm.DensityMap(target.astype(jnp.float32), grid))
+    mm.write_model(model_path, model)
+    # 3 Å on the low-x half of the box, 4.5 Å on the other
+    nz, ny, nx = grid.shape
+    lr = np.broadcast_to(np.where(np.arange(nx) < nx // 2, 3.0, 4.5), grid.shape).astype(np.float32)
+    mm.write_map(lr_path, lr, grid)
+    args = ["refine", str(map_path), str(model_path), "-d", "3", "--refine", "xyz", "--steps", "4", "--macro-cycles", "1",
+            "--local-resolution", str(lr_path), "--no-progress"]
+    res = CliRunner().invoke(app, args + ["-o", str(tmp_path / "r.cif"), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["resolution_start"] == str(lr_path)
+    start = np.asarray(mm.read_model(model_path).atoms.positions)
+    want = np.asarray(interpolate_map(lr, grid, start))
+    assert want.min() < 3.5 < want.max()  # atoms on both sides
+    np.testing.assert_allclose(report["resolutions"], want, rtol=1e-6)  # kept: res is not refined
+    assert (tmp_path / "r_resolution.defattr").exists()
+    # a value outside the shell tables' [1, 10] Å is an error naming the map, not a clipped value
+    mm.write_map(lr_path, np.full(grid.shape, 12.0, np.float32), grid)
+    res = CliRunner().invoke(app, args + ["-o", str(tmp_path / "r2.cif")])
+    assert res.exit_code == 2 and "locres.mrc" in res.output and "outside [1, 10]" in res.output
+
+
 def test_refine_with_the_q_loss_raises_q():
     model = _helix()
     grid, target = _target(model)

@@ -523,6 +523,10 @@ def refine(
                                                "(and alternate conformer).")] = Groups.atom,
     res_scan: Annotated[bool, typer.Option("--res-scan/--no-res-scan", help="With res: start each residue at the uniform "
                                            "resolution (RES ± 2 Å) that fits it best, instead of at RES.")] = True,
+    local_resolution: Annotated[Optional[Path], typer.Option("--local-resolution", help="A local-resolution map (Å, e.g. "
+                                                             "from modelmap locres, ResMap or MonoRes) sampled at the atoms: "
+                                                             "the model map is the shell map at these per-atom resolutions "
+                                                             "(fixed, or with res where they start, in place of --res-scan).")] = None,
     monomer_library: Annotated[Optional[Path], typer.Option("--monomer-library", help="A CCP4 monomer library folder "
                                                             "for the restraints (e.g. $CLIBD_MON); default: the PDB's CCD.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the before/after report and the per-step history as JSON.")] = None,
@@ -551,7 +555,8 @@ def refine(
                             macro_cycles=macro_cycles, loss=loss.value, monomer_library=monomer_library,
                             map_weight=map_weight, occupancy_groups=occ_groups.value,
                             resolution_groups=res_groups.value,
-                            resolutions=None if res_scan or "res" not in names else resolution, json_out=json_out,
+                            resolutions=None if res_scan or "res" not in names else resolution,
+                            local_resolution=local_resolution, json_out=json_out,
                             cxc_out=cxc_out or output.with_name(model_stem(output) + ".cxc"), progress=progress, plot=plot)
     except (ModelmapError, FileExistsError, ValueError, ImportError, TypeError) as err:
         _fail(str(err))

@@ -55,6 +55,7 @@ def refine_to_files(
     occupancy_groups: str = "atom",
     resolution_groups: str = "atom",
     resolutions: str | float | None = None,
+    local_resolution: Path | None = None,
     json_out: Path | None = None,
     cxc_out: Path | None = None,
     progress: bool = True,
@@ -64,7 +65,13 @@ def refine_to_files(
     JSON report (before/after scores, the history), a ChimeraX script and the refinement plot
     (`modelmap.plots.write_refine_plots` with prefix `plot`).
 
-    The refined model keeps every record of the input; per-atom resolutions (with `"res"`) are
+    `local_resolution`: a local-resolution map (Å) sampled at the atoms (trilinear) for their
+    resolutions, in place of `resolutions`: the model map is then the shell map at them, and with
+    `"res"` they are where the refinement starts. An atom outside the map's box or a value outside
+    [1, 10] Å is an error.
+
+    The refined model keeps every record of the input; per-atom resolutions (with `"res"`, or from
+    `local_resolution`) are
     written beside it as a ChimeraX attribute file `<output stem>_resolution.defattr` (attribute
     `resolution`, Å), and the shift of every atom as `<output stem>_shift.defattr`.
 
@@ -75,18 +82,21 @@ def refine_to_files(
     from ..io._atomic_write import atomic_path
     from ..io._model import check_model_path
     from ..refine import RefineConfig, build_restraints, refine
-    from ._app import check_outputs
+    from ._app import atom_resolutions, check_outputs
 
-    inputs = (map_path, model_path)
+    inputs = (map_path, model_path) + ((local_resolution,) if local_resolution is not None else ())
     shift_path, res_path = attribute_paths(output)
+    per_atom = "res" in parameters or local_resolution is not None
     check_outputs(inputs, {"the refined model (-o)": output, "--json": json_out, "--cxc": cxc_out,
                            "the shift attribute file": shift_path,
-                           "the resolution attribute file": res_path if "res" in parameters else None})
+                           "the resolution attribute file": res_path if per_atom else None})
     check_model_path(output)
     density = io.read_map(map_path)
     model = io.read_model(model_path)
     if model.is_ensemble:
         raise ValueError(f"{model_path} has {model.atoms.positions.shape[0]} models; refine one (the first: split the file)")
+    if local_resolution is not None:
+        resolutions = atom_resolutions(model, False, local_resolution)
     restraints = build_restraints(model, monomer_library=monomer_library)
     before = before_after(density, model, resolution, restraints)
     result = refine(model, density, resolution, RefineConfig(
@@ -107,7 +117,8 @@ def refine_to_files(
     summary = {
         "map": str(map_path), "model": str(model_path), "resolution": resolution,
         "parameters": list(parameters), "loss": loss, "occupancy_groups": occupancy_groups,
-        "resolution_groups": resolution_groups, "resolution_start": "scan" if "res" in parameters and resolutions in (None, "scan") else "uniform",
+        "resolution_groups": resolution_groups, "resolution_start": (str(local_resolution) if local_resolution is not None
+                             else "scan" if "res" in parameters and resolutions in (None, "scan") else "uniform"),
         "result": result.result, "n_steps": result.n_steps, "n_evaluations": result.n_evaluations,
         "map_weight": result.map_weight, "time": result.time, "before": before, "after": after,
         "geometry": result.geometry, "events": result.events, "monomer_library": result.monomer_library,
