@@ -226,6 +226,7 @@ def test_cli_writes_maps_peaks_and_refuses_bad_input(shared_data, tmp_path):
     assert d.max() < 1.0 and summary["positive_peaks"][0]["nearest_label"].startswith("A/THR 2/")
     for name in ("dm_diff.mrc", "dm_diff_raw.mrc", "dm_model_scaled.mrc", "dm.cxc"):
         assert (tmp_path / name).exists()
+    assert (tmp_path / "dm_peaks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     diff = mm.read_map(tmp_path / "dm_diff.mrc")
     assert diff.grid.same_as(grid)
     assert "level -3 color #d03030 level 3 color #30b030" in (tmp_path / "dm.cxc").read_text()

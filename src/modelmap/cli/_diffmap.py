@@ -27,7 +27,8 @@ def diffmap_to_files(map_path: Path, model_path: Path, resolution: float, prefix
                      hydrogens: bool = True) -> dict:
     """Read the map and model, compute the difference map and its peaks, write PREFIX_diff.mrc
     (σ units), PREFIX_diff_raw.mrc (map units), PREFIX_model_scaled.mrc, PREFIX.cxc, PREFIX.json
-    (settings and the top peaks) and the peak CSV. Returns the JSON summary."""
+    (settings and the top peaks), PREFIX_peaks.png (`modelmap.plots.difference_figure`) and the
+    peak CSV. Returns the JSON summary."""
     import numpy as np
 
     from .. import io as mio
@@ -38,7 +39,8 @@ def diffmap_to_files(map_path: Path, model_path: Path, resolution: float, prefix
     inputs = (map_path, model_path, local_resolution, *(half_maps or ()))
     check_outputs(inputs, {**{f"the {n} map": p for n, p in names.items()},
                            "the JSON summary": prefix.parent / f"{prefix.name}.json",
-                           "the ChimeraX script": prefix.parent / f"{prefix.name}.cxc", "--csv": csv_out})
+                           "the ChimeraX script": prefix.parent / f"{prefix.name}.cxc",
+                           "the peak plot": prefix.parent / f"{prefix.name}_peaks.png", "--csv": csv_out})
     density = mio.read_map(map_path)
     halves = None
     if half_maps is not None:
@@ -86,6 +88,12 @@ def diffmap_to_files(map_path: Path, model_path: Path, resolution: float, prefix
         model_path=model_path, show="diff", level=threshold,
         extra_commands=(f"volume #2 level {-threshold:g} color #d03030 level {threshold:g} color #30b030 style mesh",),
         protect=protect)
+    from ..plots import difference_figure, save_png
+
+    written["plot"] = save_png(
+        difference_figure(np.asarray(r.normalised)[np.asarray(r.support)], summary["positive_peaks"],
+                          summary["negative_peaks"], threshold=threshold),
+        prefix.parent / f"{prefix.name}_peaks.png", protect=protect)
     if csv_out is not None:
         from ..io._atomic_write import atomic_path
 
