@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 from pathlib import Path
 
 import numpy as np
+
+
+def git_commit() -> str | None:
+    """The repository's short commit hash (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, check=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def cpu_model() -> str | None:

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import cpu_model, cut_compact_regions
+from _common import cpu_model, cut_compact_regions, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "emd30342_7cec/390_7cec.cif.gz"
@@ -488,11 +488,7 @@ def _versions():
         except metadata.PackageNotFoundError:
             out[name] = None
     out["modelmap"] = getattr(mm, "__version__", None)
-    try:
-        out["modelmap_git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                             text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["modelmap_git"] = None
+    out["modelmap_git"] = git_commit()
     return out
 
 

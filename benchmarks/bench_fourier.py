@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import modelmap as mm
+from _common import cpu_model, git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MODELMAP_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -93,7 +94,7 @@ def gemmi_fourier_route(structure, atoms_kept, render_fn, blur):
     sz = np.fft.rfftfreq(nz, vz)[None, None, :]
     s2 = sx**2 + sy**2 + sz**2
     f *= np.exp(blur * s2 / 4) * (s2 <= (1 + 1e-12) / render_fn.resolution_range[0] ** 2)
-    rho = np.fft.irfftn(f, s=(nx, ny, nz)).transpose(2, 1, 0)
+    rho = np.fft.irfftn(f, s=(nx, ny, nz), axes=(0, 1, 2)).transpose(2, 1, 0)
     gz, gy, gx = grid.shape
     return rho[pz : pz + gz, py : py + gy, px : px + gx], t_density
 
@@ -181,7 +182,7 @@ def main():
     args.out.write_text(json.dumps({
         "benchmark": "fourier", "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "settings": {"resolution": RESOLUTION, "voxel": 1.0, "padding": 5.0, "eps": 1e-6},
-        "environment": env, "sizes": rows,
+        "environment": {**env, "cpu_model": cpu_model(), "modelmap_git": git_commit()}, "sizes": rows,
     }, indent=2))
     print(f"wrote {args.out}")
 

@@ -77,7 +77,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import cpu_model
+from _common import cpu_model, git_commit
 
 DATA_DIR = Path(
     os.environ.get("MODELMAP_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -281,7 +281,6 @@ def _worker_prepare(spec: dict) -> dict:
 
 
 def _worker_modelmap(spec: dict, case: dict) -> dict:
-    import equinox as eqx
     import jax
     import jax.numpy as jnp
 
@@ -585,6 +584,7 @@ def run_benchmark(args) -> dict:
         "environment": {
             "platform": platform.platform(),
             "cpu_model": cpu_model(),
+            "modelmap_git": git_commit(),
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "mem_available_gib": round(_mem_available_bytes() / 2**30, 1),

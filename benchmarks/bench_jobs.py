@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import cpu_model
+from _common import cpu_model, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "emd30342_7cec/390_7cec_A.cif.gz"
@@ -68,14 +67,6 @@ def write_models(folder: Path, n: int, seed: int = 0) -> list[Path]:
         st.write_pdb(str(path))
         paths.append(path)
     return paths
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import modelmap as mm
+from _common import cpu_model, git_commit
 from modelmap.render._shells import _cpu_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -137,7 +138,7 @@ def main():
     args.out.write_text(json.dumps({
         "benchmark": "shells", "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "settings": {"resolution": RESOLUTION, "voxel": 1.0, "padding": 5.0, "terms": args.terms},
-        "environment": env, "sizes": rows,
+        "environment": {**env, "cpu_model": cpu_model(), "modelmap_git": git_commit()}, "sizes": rows,
     }, indent=2))
     print(f"wrote {args.out}")
 
