@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import modelmap as mm
+from _common import cpu_model, git_commit
 from modelmap import scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,8 +176,9 @@ def main():
         for name, c in cctbx.items():
             print(f"  {name}: {json.dumps(c)}")
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(jax.devices()[0]),
-           "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-           "jax": jax.__version__, "modelmap": mm.__version__}
+           "processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+           "python": platform.python_version(), "jax": jax.__version__, "modelmap": mm.__version__,
+           "modelmap_git": git_commit()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "scores", "environment": env, "resolution": D,
                                     "rows": rows, "cctbx": cctbx}, indent=2))
