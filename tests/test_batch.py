@@ -12,7 +12,16 @@ from scipy.spatial.transform import Rotation
 
 import modelmap as mm
 from modelmap._peptide import ideal_peptide
-from modelmap.batch import bucket_size, pad_atoms, plan_batch, render_batch, render_poses, render_stacked
+from modelmap.batch import (
+    assemble,
+    bucket_size,
+    member_count,
+    pad_atoms,
+    plan_batch,
+    render_batch,
+    render_poses,
+    render_stacked,
+)
 from modelmap.io import model_from_structure
 
 from ._reference import cc
@@ -97,6 +106,37 @@ def test_one_compilation_per_bucket():
         jax.monitoring.clear_event_listeners()
     assert first == 2  # one per group (bucket size, B class)
     assert len(compiles) == first  # a new batch of the same buckets and bounds reuses them
+
+
+def test_a_new_count_of_structures_in_a_bucket_compiles_nothing_new():
+    """Groups are padded to 1, 2, 3, 4, 6, 8, … members with silent ones: a batch of 5 after a
+    batch of 6 (both padded to 6) compiles nothing, and the padding members' maps are dropped."""
+    assert [member_count(m) for m in (1, 2, 3, 4, 5, 6, 7, 9, 13, 17, 25)] == [1, 2, 3, 4, 6, 6, 8, 12, 16, 24, 32]
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    peptides = [_peptide("AAG"[: 2 + k % 2] + "A", (2.0 * k, 1.0, 0.0), 20.0 + 3 * k) for k in range(6)]
+    six = plan_batch(peptides, 1.5, box=34, voxel_size=1.5, bucket_minimum=BUCKET)  # a box no other test uses
+    five = plan_batch(peptides[1:], 1.5, box=34, voxel_size=1.5, bucket_minimum=BUCKET)
+    exact = plan_batch(peptides[1:], 1.5, box=34, voxel_size=1.5, bucket_minimum=BUCKET, pad_members=False)
+    assert [len(g.indices) for g in five] == [5] and five[0].volumes.positions.shape[0] == 6
+    assert exact[0].volumes.positions.shape[0] == 5
+    assert np.all(five[0].atom_index[5] == -1) and five[0].origins.shape == (5, 3)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        render_stacked(six[0].render_fn, six[0].volumes, 1).block_until_ready()
+        first = len(compiles)
+        padded = render_stacked(five[0].render_fn, five[0].volumes, 1)
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert first > 0 and len(compiles) == first
+    assert float(jnp.abs(padded[5]).max()) == 0.0  # the silent member's map
+    maps = assemble(five, [padded], 5)
+    want = assemble(exact, [render_stacked(exact[0].render_fn, exact[0].volumes, 1)], 5)
+    np.testing.assert_array_equal(np.asarray(maps), np.asarray(want))
 
 
 @pytest.mark.x64

@@ -6,6 +6,7 @@ from ._batch import (
     BatchGroup as BatchGroup,
     BatchMaps as BatchMaps,
     bucket_size as bucket_size,
+    member_count as member_count,
     default_batch_size as default_batch_size,
     pad_atoms as pad_atoms,
     plan_batch as plan_batch,

@@ -55,6 +55,7 @@ __all__ = [
     "BatchGroup",
     "BatchMaps",
     "bucket_size",
+    "member_count",
     "pad_atoms",
     "plan_batch",
     "render_batch",
@@ -81,6 +82,20 @@ def bucket_size(n: int, minimum: int = 256) -> int:
     while True:
         for s in (size, size * 5 // 4, size * 3 // 2, size * 7 // 4):
             if s >= n:
+                return s
+        size *= 2
+
+
+def member_count(m: int) -> int:
+    """The padded member count of a group of `m` structures: the smallest of 1, 2, 3, 4, 6, 8, 12,
+    16, … (`2^k` and `3 · 2^k`) that holds it. A new batch whose groups pad to counts already seen
+    compiles nothing new; the padding members are silent (every atom at zero occupancy)."""
+    if m < 1:
+        raise ValueError(f"a group holds at least one structure, got {m}")
+    size = 1
+    while True:
+        for s in (size, size * 3 // 2):
+            if s >= m:
                 return s
         size *= 2
 
@@ -193,13 +208,16 @@ def render_poses(
 class BatchGroup(eqx.Module):
     """Structures padded to one bucket size, stacked, with the render function that covers them.
 
-    - `volumes`: the stacked volumes `(B_g, n_bucket, ...)`, positions shifted into the reference
-      grid, each structure's atoms sorted by width (`plan_batch`).
+    - `volumes`: the stacked volumes `(B_pad, n_bucket, ...)`, positions shifted into the reference
+      grid, each structure's atoms sorted by width (`plan_batch`). The first `len(indices)` members
+      are the structures; the rest (`member_count`) are silent padding members, every atom at zero
+      occupancy, whose maps are exactly 0 and are dropped by `assemble`.
     - `render_fn`: the planned render function on the reference grid.
-    - `indices`: the structure of each member, in order (static).
-    - `atom_index`: `(B_g, n_bucket)` the index in its structure of the atom in each slot, -1 for a
-      padding slot (numpy): gradients with respect to `volumes` map back to the structures' atoms.
-    - `origins`: `(B_g, 3)` x, y, z in Å of each structure's grid point (0, 0, 0) (numpy).
+    - `indices`: the structure of each real member, in order (static).
+    - `atom_index`: `(B_pad, n_bucket)` the index in its structure of the atom in each slot, -1 for a
+      padding slot or member (numpy): gradients with respect to `volumes` map back to the
+      structures' atoms.
+    - `origins`: `(len(indices), 3)` x, y, z in Å of each structure's grid point (0, 0, 0) (numpy).
     """
 
     volumes: AbstractVolume
@@ -264,6 +282,7 @@ def plan_batch(
     b_step: float = 50.0,
     b_margin: float = 0.0,
     window_classes: int | None = None,
+    pad_members: bool = True,
     names: Sequence[str] | None = None,
 ) -> list[BatchGroup]:
     """Pad, group and stack a batch of structures, with a render function that covers all of them.
@@ -291,6 +310,10 @@ def plan_batch(
       `render_stacked` vmaps many structures per step and each size's loop then runs for the
       step's largest count of chunks of that size (the sizes its members need add up; not yet
       measured on a GPU).
+    - `pad_members`: pad each group's count of structures to 1, 2, 3, 4, 6, 8, 12, … (`member_count`)
+      with silent members, so that the next batch of the same bucket sizes compiles nothing new
+      although its groups hold other counts (each new count compiles the group's functions anew:
+      seconds each). False: exactly the batch's structures.
     - `names`: a name per structure for error messages (default "structure k").
 
     **Returns:** a list of `BatchGroup`, one per bucket size, all with the same render function.
@@ -357,7 +380,8 @@ def plan_batch(
     out = []
     for size in sorted(groups):
         members = groups[size]
-        vols, atom_index = [], np.full((len(members), size), -1, np.int64)
+        count = member_count(len(members)) if pad_members else len(members)
+        vols, atom_index = [], np.full((count, size), -1, np.int64)
         for j, k in enumerate(members):
             order = _width_order(widths[k], ref, np.asarray(structures[k].positions, np.float64) - shifts[k])
             # on the host (structures are concrete): only the padded bucket size reaches JAX, so a
@@ -366,6 +390,12 @@ def plan_batch(
             a = eqx.tree_at(lambda x: x.positions, a, a.positions - shifts[k].astype(a.positions.dtype))
             vols.append(volume_for_method(method, pad_atoms(a, size), resolution, table, n_terms))
             atom_index[j, : len(order)] = order
+        if count > len(members):
+            # silent members (the first one's atoms at zero occupancy): maps of exactly 0, dropped
+            first = jax.tree.map(np.asarray, structures[members[0]])
+            silent = Atoms(first.positions - shifts[members[0]].astype(first.positions.dtype), first.atomic_numbers,
+                           first.b_factors, np.zeros_like(first.occupancies))
+            vols += [volume_for_method(method, pad_atoms(silent, size), resolution, table, n_terms)] * (count - len(members))
         out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(members), atom_index, np.asarray(origins[members])))
     return out
 
@@ -386,14 +416,16 @@ def assemble(groups: Sequence[BatchGroup | Sequence[int]], rendered: Sequence[Ar
     **Arguments:**
 
     - `groups`: the `BatchGroup`s of `plan_batch` (or, for each, the structure index of each member).
-    - `rendered`: `render_stacked` of each group, `(B_g, nz, ny, nx)`.
+    - `rendered`: `render_stacked` of each group, `(B_pad, nz, ny, nx)` (the maps of its padding
+      members, past its structures, are dropped).
     - `n_structures`: how many structures the batch holds.
 
     **Returns:** the maps, in the structures' order (differentiable).
     """
     maps = jnp.zeros((n_structures, *rendered[0].shape[1:]), rendered[0].dtype)
     for g, r in zip(groups, rendered):
-        maps = maps.at[np.asarray(g.indices if isinstance(g, BatchGroup) else g)].add(r)
+        index = np.asarray(g.indices if isinstance(g, BatchGroup) else g)
+        maps = maps.at[index].add(r[: len(index)])
     return maps
 
 
