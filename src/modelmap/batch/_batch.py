@@ -21,6 +21,7 @@ the same map, exactly, because every renderer depends on positions only relative
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -103,14 +104,19 @@ def member_count(m: int) -> int:
 def pad_atoms(atoms: Atoms, n: int) -> Atoms:
     """`atoms` padded to `n` atoms with zero-occupancy copies of its first atom placed at the mean
     position: they contribute exactly 0 to any map and do not move the structure's centre."""
+    return Atoms(*_padded(atoms, n))
+
+
+def _padded(atoms: Atoms, n: int) -> tuple:
+    """The four arrays of `pad_atoms` (numpy for numpy inputs: eager jnp ops compile once per
+    atom count, ~0.5 s per new size)."""
     k = atoms.positions.shape[0]
     if k > n:
         raise ValueError(f"cannot pad {k} atoms to {n}")
     extra = n - k
-    # numpy for numpy inputs: eager jnp ops compile once per atom count, ~0.5 s per new size
     xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(atoms)) else jnp
     centre = xp.mean(atoms.positions, axis=0)
-    return Atoms(
+    return (
         xp.concatenate([atoms.positions, xp.broadcast_to(centre, (extra, 3))]),
         xp.concatenate([atoms.atomic_numbers, xp.broadcast_to(atoms.atomic_numbers[:1], (extra,))]),
         xp.concatenate([atoms.b_factors, xp.broadcast_to(atoms.b_factors[:1], (extra,))]),
@@ -119,13 +125,34 @@ def pad_atoms(atoms: Atoms, n: int) -> Atoms:
 
 
 def stack_volumes(volumes: Sequence[AbstractVolume]) -> AbstractVolume:
-    """Volumes of one kind and size stacked on a leading axis (their shared tables are kept once)."""
+    """Volumes of one kind and size stacked on a leading axis (their shared tables are kept once;
+    numpy leaves give numpy leaves)."""
     axes = volumes[0].batch_axes()
     spec = jax.tree.map(lambda a: a == 0, axes, is_leaf=lambda x: x is None)
     spec = jax.tree.map(lambda a: False if a is None else a, spec, is_leaf=lambda x: x is None)
     parts = [eqx.partition(v, spec) for v in volumes]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
+    # numpy leaves stack on the host (jnp.stack compiles once per count of volumes)
+    xp = np if all(isinstance(x, np.ndarray) for p in parts for x in jax.tree.leaves(p[0])) else jnp
+    stacked = jax.tree.map(lambda *xs: xp.stack(xs), *[p[0] for p in parts])
     return eqx.combine(stacked, parts[0][1])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _built(method: str, arrays: tuple, resolution: float, table: str, n_terms: int) -> AbstractVolume:
+    return volume_for_method(method, Atoms(*arrays), resolution, table, n_terms)
+
+
+def _host_volume(method: str, arrays: tuple, resolution: float, table: str, n_terms: int) -> AbstractVolume:
+    """The volume of one padded structure (`_padded` arrays), with numpy leaves, built on the host
+    CPU: the Gaussian and Fourier volumes by one compiled call per bucket size (eager ops would
+    compile anew for every new shape and dispatch ~20 times per structure), the shell volume
+    eagerly (its element tables are chosen from the concrete atomic numbers)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        if method == "shells":
+            volume = volume_for_method(method, Atoms(*arrays), resolution, table, n_terms)
+        else:
+            volume = _built(method, arrays, float(resolution), table, n_terms)
+        return jax.tree.map(np.asarray, volume)
 
 
 def _split(volumes: AbstractVolume):
@@ -381,22 +408,21 @@ def plan_batch(
     for size in sorted(groups):
         members = groups[size]
         count = member_count(len(members)) if pad_members else len(members)
-        vols, atom_index = [], np.full((count, size), -1, np.int64)
+        parts, atom_index = [], np.full((count, size), -1, np.int64)
         for j, k in enumerate(members):
             order = _width_order(widths[k], ref, np.asarray(structures[k].positions, np.float64) - shifts[k])
-            # on the host (structures are concrete): only the padded bucket size reaches JAX, so a
+            # on the host (structures are concrete): only the group's padded shape reaches JAX, so a
             # structure of a new atom count compiles nothing (eager ops on its own shape would)
             a = jax.tree.map(lambda x: np.asarray(x)[order], structures[k])
             a = eqx.tree_at(lambda x: x.positions, a, a.positions - shifts[k].astype(a.positions.dtype))
-            vols.append(volume_for_method(method, pad_atoms(a, size), resolution, table, n_terms))
+            parts.append(_padded(a, size))
             atom_index[j, : len(order)] = order
-        if count > len(members):
-            # silent members (the first one's atoms at zero occupancy): maps of exactly 0, dropped
-            first = jax.tree.map(np.asarray, structures[members[0]])
-            silent = Atoms(first.positions - shifts[members[0]].astype(first.positions.dtype), first.atomic_numbers,
-                           first.b_factors, np.zeros_like(first.occupancies))
-            vols += [volume_for_method(method, pad_atoms(silent, size), resolution, table, n_terms)] * (count - len(members))
-        out.append(BatchGroup(stack_volumes(vols), render_fn, tuple(members), atom_index, np.asarray(origins[members])))
+        vols = [_host_volume(method, x, resolution, table, n_terms) for x in parts]
+        # silent members (the first one's atoms at zero occupancy): maps of exactly 0, dropped
+        silent = eqx.tree_at(lambda v: v.occupancies, vols[0], np.zeros_like(vols[0].occupancies))
+        vols += [silent] * (count - len(members))
+        volumes = jax.device_put(stack_volumes(vols))  # one transfer per leaf, nothing compiled
+        out.append(BatchGroup(volumes, render_fn, tuple(members), atom_index, np.asarray(origins[members])))
     return out
 
 
