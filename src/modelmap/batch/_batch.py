@@ -451,7 +451,11 @@ def assemble(groups: Sequence[BatchGroup | Sequence[int]], rendered: Sequence[Ar
     maps = jnp.zeros((n_structures, *rendered[0].shape[1:]), rendered[0].dtype)
     for g, r in zip(groups, rendered):
         index = np.asarray(g.indices if isinstance(g, BatchGroup) else g)
-        maps = maps.at[index].add(r[: len(index)])
+        # padding members' rows go to an index past the end and are dropped: the scatter's shapes
+        # are the group's padded ones, so a new count of structures compiles nothing new
+        rows = np.full(r.shape[0], n_structures, np.int64)
+        rows[: len(index)] = index
+        maps = maps.at[rows].add(r, mode="drop")
     return maps
 
 
