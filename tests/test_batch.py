@@ -397,3 +397,33 @@ def test_dataclass_replace_keeps_render_functions_usable():
     grid = mm.Grid((8, 8, 8), 1.0)
     fn = mm.GaussianMixtureRenderFn(grid).with_bounds(mm.RenderBounds((0, 50), 2.0, elements=[6]))
     assert dataclasses.replace(fn, accumulate="scatter").is_planned
+
+
+def test_gradients_of_a_new_batch_of_seen_group_shapes_compile_nothing():
+    """The training-loop pattern of docs/how-to/batch.md: value_and_grad of a loss over the groups,
+    without a jit around them, reuses each group's compiled functions for a new batch."""
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    def batch(seqs, k0):
+        return [_peptide(s, (2.0 * (k0 + k), 0.0, 0.0), 20.0 + k0 + k) for k, s in enumerate(seqs)]
+
+    def value_and_grad(structures):
+        groups = plan_batch(structures, 2.0, box=30, voxel_size=1.5, bucket_minimum=BUCKET)  # a box of its own
+
+        def loss(volumes):
+            return sum(jnp.sum(render_stacked(g.render_fn, v, 1) ** 2) for g, v in zip(groups, volumes))
+
+        return jax.block_until_ready(eqx.filter_value_and_grad(loss)([g.volumes for g in groups]))
+
+    value_and_grad(batch(["AAA", "AAG", "A" * 8], 0))
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        value, grads = value_and_grad(batch(["GAA", "A" * 8, "AGA"], 3))  # other structures, the same group shapes
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert compiles == [] and np.isfinite(float(value))
+
