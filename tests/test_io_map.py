@@ -178,6 +178,19 @@ def test_write_map_copies_by_chunks_and_its_header_stats_are_float64_exact(tmp_p
     back = mm.read_map(path)
     np.testing.assert_array_equal(np.asarray(back.data), data)
     assert back.grid.same_as(grid)
+    # nothing of the map's size is allocated while writing (numpy reports to tracemalloc)
+    import tracemalloc
+
+    monkeypatch.setattr(_map, "_CHUNK_VALUES", 96 * 96 * 4)
+    big = np.ones((96, 96, 96), np.float32)
+    tracemalloc.start()
+    try:
+        mm.write_map(tmp_path / "big.mrc", big, mm.Grid(big.shape, 1.0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < big.nbytes / 4, f"write_map allocated {peak} bytes for a map of {big.nbytes}"
+    np.testing.assert_array_equal(np.asarray(mm.read_map(tmp_path / "big.mrc").data), big)
 
 
 def test_gz_output_is_gzip(tmp_path):

@@ -56,9 +56,9 @@ class DensityMap(eqx.Module):
 
 _MODES_OK = (0, 1, 2, 6, 12)
 
-# values per z-chunk when a map is scanned or copied: a chunk's float64 temporaries take 32 MiB,
-# whatever the map's size (a map that only just fits in memory is never copied whole)
-_CHUNK_VALUES = 1 << 22
+# values per z-chunk when a map is scanned or written: a chunk's float64 temporaries take 8 MiB
+# each, whatever the map's size (a map that only just fits in memory is never copied whole)
+_CHUNK_VALUES = 1 << 20
 
 
 def _z_chunks(shape: tuple[int, int, int]) -> list[slice]:
@@ -280,12 +280,15 @@ def write_map(
         )
     with atomic_path(path, protect=protect) as tmp:
         tmp_plain = tmp.with_name(tmp.name + ".mrc") if path.suffix == ".gz" else tmp
-        # written through a memory map one z-chunk at a time, and its statistics summed the same
-        # way: the map is never copied (mrcfile's set_data and update_header_stats would hold
-        # float32 temporaries of its whole size)
-        with mrcfile.new_mmap(str(tmp_plain), shape=data.shape, mrc_mode=2, overwrite=True) as mrc:
-            for s in _z_chunks(data.shape):
-                mrc.data[s] = data[s]
+        # mrcfile writes the header (for a 1-voxel placeholder, then sized for the map) and the
+        # map's values follow it one z-chunk at a time, with the statistics summed the same way:
+        # nothing of the map's size is allocated (mrcfile's set_data and update_header_stats hold
+        # a float32 temporary of the whole map, a memory map its pages)
+        nz, ny, nx = data.shape
+        with mrcfile.new(str(tmp_plain), overwrite=True) as mrc:
+            mrc.set_data(np.zeros((1, 1, 1), np.float32))  # mode 2
+            mrc.header.nx, mrc.header.ny, mrc.header.nz = nx, ny, nz
+            mrc.header.mx, mrc.header.my, mrc.header.mz = nx, ny, nz
             mrc.voxel_size = tuple(float(v) for v in voxel)
             if whole:
                 mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (int(v) for v in nstart)
@@ -294,8 +297,14 @@ def write_map(
                 mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = 0
                 mrc.header.origin = tuple(float(v) for v in origin)
             mrc.header.dmin, mrc.header.dmax, mrc.header.dmean, mrc.header.rms = _header_stats(data)
+            offset = mrc.header.nbytes + int(mrc.header.nsymbt)
+        with open(tmp_plain, "r+b") as f:
+            f.seek(offset)
+            f.truncate()  # the placeholder voxel
+            for s in _z_chunks(data.shape):
+                data[s].tofile(f)
         if path.suffix == ".gz":
             with open(tmp_plain, "rb") as src, gzip.open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
+                shutil.copyfileobj(src, dst, 1 << 20)
             tmp_plain.unlink()
     return path
