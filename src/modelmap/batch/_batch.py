@@ -127,10 +127,7 @@ def _padded(atoms: Atoms, n: int) -> tuple:
 def stack_volumes(volumes: Sequence[AbstractVolume]) -> AbstractVolume:
     """Volumes of one kind and size stacked on a leading axis (their shared tables are kept once;
     numpy leaves give numpy leaves)."""
-    axes = volumes[0].batch_axes()
-    spec = jax.tree.map(lambda a: a == 0, axes, is_leaf=lambda x: x is None)
-    spec = jax.tree.map(lambda a: False if a is None else a, spec, is_leaf=lambda x: x is None)
-    parts = [eqx.partition(v, spec) for v in volumes]
+    parts = [_split(v) for v in volumes]
     # numpy leaves stack on the host (jnp.stack compiles once per count of volumes)
     xp = np if all(isinstance(x, np.ndarray) for p in parts for x in jax.tree.leaves(p[0])) else jnp
     stacked = jax.tree.map(lambda *xs: xp.stack(xs), *[p[0] for p in parts])
@@ -156,7 +153,7 @@ def _host_volume(method: str, arrays: tuple, resolution: float, table: str, n_te
 
 
 def _split(volumes: AbstractVolume):
-    """(stacked per-atom leaves, shared rest) of a stacked volume."""
+    """(per-atom leaves, shared rest) of a volume, stacked or not (`batch_axes`)."""
     axes = volumes.batch_axes()
     spec = jax.tree.map(lambda a: a == 0 if a is not None else False, axes, is_leaf=lambda x: x is None)
     return eqx.partition(volumes, spec)
@@ -400,7 +397,7 @@ def plan_batch(
         exact = RenderBounds((min(float(np.min(np.asarray(a.b_factors))) for a in structures) - b_margin,
                               bounds.b_factor[1]), resolution, covering.elements, table, n_terms, widest=top)
         render_fn = eqx.tree_at(lambda r: r.extra_b, render_fn,
-                                _render_fn(method, ref, sampling, window_classes).with_bounds(exact).extra_b)
+                                jnp.asarray(render_fn.anti_aliasing_blur(exact), render_fn.extra_b.dtype))
     groups: dict[int, list[int]] = {}
     for k, a in enumerate(structures):
         groups.setdefault(bucket_size(a.positions.shape[0], bucket_minimum), []).append(k)

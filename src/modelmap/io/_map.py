@@ -76,9 +76,11 @@ def _header_stats(data: np.ndarray) -> tuple[np.float32, np.float32, np.float32,
     """The MRC header's DMIN, DMAX, DMEAN and RMS (the standard deviation about the mean, as
     mrcfile's `update_header_stats` defines it), summed in float64 one z-chunk at a time."""
     chunks = _z_chunks(data.shape)
-    lo = min(float(data[s].min()) for s in chunks)
-    hi = max(float(data[s].max()) for s in chunks)
-    mean = sum(float(data[s].sum(dtype=np.float64)) for s in chunks) / data.size
+    lo, hi, total = np.inf, -np.inf, 0.0
+    for s in chunks:  # one pass for the extremes and the sum, a second about the mean
+        lo, hi = min(lo, float(data[s].min())), max(hi, float(data[s].max()))
+        total += float(data[s].sum(dtype=np.float64))
+    mean = total / data.size
     var = sum(float(np.square(data[s].astype(np.float64) - mean).sum()) for s in chunks) / data.size
     return np.float32(lo), np.float32(hi), np.float32(mean), np.float32(np.sqrt(var))
 

@@ -187,14 +187,19 @@ class SplatFourierRenderFn(AbstractRenderFn[IndependentAtomVolume]):
         ).with_plan(_gaussians(on_host(volume), extra), b_margin=above)
         return dataclasses.replace(rf, splat=splat)
 
-    def with_bounds(self, bounds: RenderBounds) -> "SplatFourierRenderFn":
-        """A copy that holds every volume within `bounds` (B_x from the lowest B and finest D)."""
-        d_lo, d_hi = bounds.resolution
+    def anti_aliasing_blur(self, bounds: RenderBounds) -> float:
+        """The extra blur B_x (Å²) that keeps aliasing below `eps` for every volume within
+        `bounds`: that of their lowest B and finest D (`aliasing_blur`)."""
         from ..scattering import get_table
 
         table = get_table(bounds.table)
         elements = np.flatnonzero(np.asarray(table.defined)) if bounds.elements is None else bounds.elements
-        extra = self._blur(d_lo, max(bounds.b_factor[0], 0.0), elements, table)
+        return self._blur(bounds.resolution[0], max(bounds.b_factor[0], 0.0), elements, table)
+
+    def with_bounds(self, bounds: RenderBounds) -> "SplatFourierRenderFn":
+        """A copy that holds every volume within `bounds` (B_x from the lowest B and finest D)."""
+        d_lo, d_hi = bounds.resolution
+        extra = self.anti_aliasing_blur(bounds)
         rf = dataclasses.replace(self, resolution_range=(d_lo, d_hi), extra_b=jnp.asarray(extra, jnp.float32))
         # the splatted Gaussians are the atoms' own, widened by B_x: bounds of B shifted by B_x, at D = 0
         shifted = RenderBounds((bounds.b_factor[0] + extra, bounds.b_factor[1] + extra), 0.0, bounds.elements,
